@@ -1,0 +1,1 @@
+"""LLMOps: orchestrated, gated retraining of a fine-tuned causal language model."""

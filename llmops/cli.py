@@ -1,0 +1,205 @@
+"""`llmops`: the command line. Exit codes: 0 success (a rejected candidate included), 1 a check failed,
+2 bad input or usage. Errors are one paragraph naming the problem and the fix; `--json` prints one JSON
+object on the last line of stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmops.config import DEFAULT_PARAMS, Params, load_params, parse_overrides
+from llmops.errors import LLMOpsError
+
+log = logging.getLogger("llmops")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit code (the console script exits with it)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    try:
+        return args.command(args)
+    except LLMOpsError as exc:
+        return _fail(str(exc), exc.exit_code, args)
+    except KeyboardInterrupt:
+        return _fail("Interrupted. The champion was not changed.", 130, args)
+    except Exception as exc:  # a crashed stage: say so plainly; the log above has the detail
+        if os.environ.get("LLMOPS_DEBUG"):
+            raise
+        return _fail(
+            f"The run failed: {type(exc).__name__}: {exc}. The champion was not changed, and the MLflow run is "
+            "marked FAILED with the failing stage. Set LLMOPS_DEBUG=1 to see the traceback.",
+            1,
+            args,
+        )
+
+
+def _fail(message: str, code: int, args: argparse.Namespace) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "exit_code": code, "error": message}))
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmops", description=__doc__.split(".")[0])
+    parser.add_argument(
+        "--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)"
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(command=handler)
+        if json_flag:
+            sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        return sub
+
+    boot = command("bootstrap", cmd_bootstrap, "build the default tiny base model and demo dataset", False)
+    boot.add_argument("--force", action="store_true", help="rebuild even if they exist")
+    run = command("run", cmd_run, "run the retrain flow once")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml value for this run, e.g. finetune.learning_rate=1e-3",
+    )
+    run.add_argument("--reason", default="manual", help="why this run happens (recorded as lineage)")
+    validate = command("validate", cmd_validate, "check a JSONL dataset file; exit 1 if it is invalid")
+    validate.add_argument("--data", type=Path, required=True, help="the JSONL file to check")
+    command("status", cmd_status, "show the current champion")
+    rollback = command("rollback", cmd_rollback, "move champion back to the previous champion")
+    rollback.add_argument("--reason", default="manual rollback", help="recorded in the champion history")
+    return parser
+
+
+def _prepare_prefect(params: Params) -> None:
+    """Defaults for the embedded setup; any PREFECT_* variable the user set wins."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(params.work_dir / "prefect-results"))
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from tasks.bootstrap import build_base_model, build_demo_dataset
+
+    params = load_params(args.params)
+    model_dir = Path(params.model.base)
+    if args.force or not (model_dir / "config.json").exists():
+        build_base_model(params.bootstrap, model_dir)
+        print(f"built base model: {model_dir}")
+    else:
+        print(f"base model present: {model_dir}")
+    if args.force or not (params.data.train.exists() and params.data.eval.exists()):
+        build_demo_dataset(params.bootstrap, params.data.train.parent)
+        print(f"built demo dataset: {params.data.train.parent}")
+    else:
+        print(f"demo dataset present: {params.data.train.parent}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.overrides)
+    params = load_params(args.params, overrides)  # fail fast on bad params, before Prefect starts
+    _prepare_prefect(params)
+    from flows.retrain import retrain
+
+    summary = retrain(params_file=str(args.params), overrides=overrides, reason=args.reason)
+    if args.json:
+        print(summary.model_dump_json())
+        return 0
+    _print_summary(summary, params)
+    return 0
+
+
+def _print_summary(summary: Any, params: Params) -> None:
+    print("\nStages")
+    for timing in summary.stages:
+        print(f"  {timing.name:<15} {timing.seconds:7.1f}s{'  (cached)' if timing.cached else ''}")
+    print("\nGate")
+    print(f"  {'check':<26} {'candidate':>10} {'reference':>10}  {'threshold':<22} result")
+    for c in summary.decision.checks:
+        reference = "" if c.reference is None else f"{c.reference:.4f}"
+        print(
+            f"  {c.name:<26} {c.candidate:>10.4f} {reference:>10}  {c.threshold:<22} "
+            f"{'pass' if c.passed else 'FAIL'}"
+        )
+    p = summary.promotion
+    verdict = "promoted" if p.alias == "champion" else "not promoted: " + "; ".join(summary.decision.reasons)
+    print(f"\nRegistry: {p.model_name} version {p.version} -> alias '{p.alias}' ({verdict})")
+    print(f"MLflow run: {summary.mlflow_run_id}")
+    print(
+        f"Open the MLflow UI on this run: make mlflow-ui   (or: mlflow ui --backend-store-uri "
+        f"{params.tracking.uri}), then http://127.0.0.1:5000"
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from llmops.config import ValidateParams
+    from tasks.validate import check_split
+
+    params = load_params(args.params) if args.params.exists() else None
+    rows, problems = check_split(params.validate_ if params else ValidateParams(), args.data)
+    report = {
+        "ok": not problems,
+        "file": str(args.data),
+        "rows": rows,
+        "problems": [str(p) for p in problems],
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{args.data}: {rows} usable rows, {len(problems)} problem(s)")
+        for problem in problems[:20]:
+            print(f"  {problem}")
+    return 0 if not problems else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from llmops import tracking
+
+    params = load_params(args.params)
+    champion = tracking.describe_champion(params.tracking, params.registry)
+    if args.json:
+        print(json.dumps({"ok": True, "champion": champion}))
+        return 0
+    if champion is None:
+        print(f"No champion yet for {params.registry.model_name!r}: run `llmops run` (or `make demo`).")
+        return 0
+    print(
+        f"{champion['model']} champion: version {champion['version']} (registered {champion['registered_at']})"
+    )
+    print(f"  why: {champion['reason']}")
+    for key, value in champion["metrics"].items():
+        print(f"  {key:<20} {value:.4f}")
+    for key, value in champion["lineage"].items():
+        print(f"  {key.removeprefix('lineage.'):<20} {value}")
+    print("  history:")
+    for event in champion["history"]:
+        print(
+            f"    {event['at']}  {event['event']:<8} v{event['version']}  by {event['by']}: {event['reason']}"
+        )
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from llmops import tracking
+
+    params = load_params(args.params)
+    old, new = tracking.rollback(params.tracking, params.registry, args.reason)
+    if args.json:
+        print(json.dumps({"ok": True, "from_version": old, "to_version": new}))
+    else:
+        print(f"{params.registry.model_name}: champion moved back from version {old} to version {new}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The one config model: `params.yaml`, one section per stage, validated on load.
+
+Overrides (`llmops run --set finetune.learning_rate=1e-4`, or the Prefect UI's `overrides` parameter) are
+applied to the YAML before validation, so they obey exactly the same rules as the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmops.errors import LLMOpsError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(Section):
+    base: str = Field(
+        "models/tiny-llama",
+        description="Base causal LM: a local folder (relative to params.yaml) or a Hugging Face model id.",
+    )
+
+
+class DataParams(Section):
+    train: Path = Field(
+        Path("data/demo/train.jsonl"), description="Training split, JSONL of prompt/response."
+    )
+    eval: Path = Field(Path("data/demo/eval.jsonl"), description="Held-out evaluation split, same format.")
+
+
+class BootstrapParams(Section):
+    """The default tiny base model and demo dataset, built locally because no model hub is reachable."""
+
+    seed: int = Field(0, description="Seed for the tokenizer corpus, model init, pre-training and data.")
+    vocab_size: int = Field(512, ge=64, description="Tokenizer vocabulary size.")
+    hidden_size: int = Field(128, ge=32, description="Model width; a multiple of 32 so GPTQ groups fit.")
+    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads; must divide hidden_size.")
+    pretrain_steps: int = Field(600, ge=1, description="Steps of language-model pre-training on the corpus.")
+    eval_fraction: float = Field(0.15, gt=0, lt=1, description="Share of the demo rows held out for eval.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> BootstrapParams:
+        if self.hidden_size % self.num_heads or self.hidden_size % 32:
+            raise ValueError("hidden_size must be a multiple of 32 and of num_heads")
+        return self
+
+
+class ValidateParams(Section):
+    min_rows: int = Field(10, ge=1, description="Fewest usable rows a split may have.")
+
+
+class LoraParams(Section):
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Names of the linear layers that get an adapter.",
+    )
+
+
+class FinetuneParams(Section):
+    quantization: Literal["none", "nf4"] = Field(
+        "none", description="`nf4` loads the base in 4-bit with bitsandbytes and trains QLoRA."
+    )
+    lora: LoraParams = LoraParams()
+    learning_rate: float = Field(3e-3, gt=0, le=1, description="Peak learning rate (linear decay).")
+    epochs: float = Field(12.0, gt=0, description="Passes over the training split.")
+    batch_size: int = Field(16, ge=1, description="Examples per optimizer step.")
+    max_seq_len: int = Field(64, ge=8, description="Prompt + response tokens kept per example.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    seed: int = Field(0, description="Seed for adapter init and data order.")
+
+
+class MergeParams(Section):
+    tolerance: float = Field(
+        1e-3, gt=0, description="Largest allowed |logit| difference between adapter and merged model."
+    )
+    check_prompts: int = Field(8, ge=1, description="Eval prompts used for the fidelity check.")
+
+
+class QuantizeParams(Section):
+    method: Literal["gptq", "none"] = Field("gptq", description="`none` deploys the merged model as is.")
+    bits: Literal[2, 3, 4, 8] = Field(4, description="GPTQ weight bits.")
+    group_size: int = Field(32, description="GPTQ group size; -1 for one group per row.")
+    calibration_samples: int = Field(64, ge=1, description="Training prompts used to calibrate GPTQ.")
+
+    @model_validator(mode="after")
+    def _group_size_is_power_of_two(self) -> QuantizeParams:
+        if self.group_size != -1 and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
+            raise ValueError("group_size must be -1 or a power of two >= 8")
+        return self
+
+
+class EvaluateParams(Section):
+    max_new_tokens: int = Field(24, ge=1, description="Generation budget per eval prompt.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Evaluate on the first N eval rows (all if unset)."
+    )
+
+
+class GateParams(Section):
+    """The promotion rules. Rates are fractions in [0, 1]."""
+
+    min_exact_match: float = Field(0.3, ge=0, le=1, description="Absolute floor on exact match.")
+    min_rouge_l: float = Field(0.5, ge=0, le=1, description="Absolute floor on ROUGE-L F1.")
+    min_eos_rate: float = Field(0.9, ge=0, le=1, description="Share of generations that must stop at EOS.")
+    max_regression: float = Field(
+        0.02, ge=0, le=1, description="Exact-match / ROUGE-L drop vs champion tolerated regardless of noise."
+    )
+    noise_z: float = Field(
+        2.0, ge=0, description="Also tolerate drops within this many standard errors of the difference."
+    )
+    max_perplexity_increase: float = Field(
+        0.05, ge=0, description="Largest relative perplexity increase vs champion (0.05 = 5%)."
+    )
+    max_quantization_ppl_ratio: float = Field(
+        1.10, ge=1, description="Largest perplexity ratio of the quantized model to the merged one."
+    )
+    require_better_than_base: bool = Field(True, description="Candidate must beat the base on exact match.")
+
+
+class RegistryParams(Section):
+    model_name: str = Field(
+        "llmops-demo", min_length=1, description="Registered model name (env LLMOPS_REGISTERED_MODEL wins)."
+    )
+
+
+class TrackingParams(Section):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (env MLFLOW_TRACKING_URI wins).")
+    artifact_location: str = Field(
+        "mlartifacts", description="Artifact root for new experiments (env LLMOPS_ARTIFACT_LOCATION wins)."
+    )
+    experiment: str = Field("retrain", min_length=1, description="MLflow experiment name.")
+
+
+class Params(Section):
+    """The whole of `params.yaml`."""
+
+    model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
+    bootstrap: BootstrapParams = BootstrapParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    finetune: FinetuneParams = FinetuneParams()
+    merge: MergeParams = MergeParams()
+    quantize: QuantizeParams = QuantizeParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    gate: GateParams = GateParams()
+    registry: RegistryParams = RegistryParams()
+    tracking: TrackingParams = TrackingParams()
+    work_dir: Path = Field(Path("work"), description="Where stage outputs of each run are written.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def digest(self) -> str:
+        """A short stable hash of the effective config, recorded as lineage."""
+        text = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_params(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+    """Read `params.yaml`, apply dotted-key overrides, validate, and anchor relative paths at the file.
+
+    Raises:
+        LLMOpsError: the file is missing or not YAML, an override names no field, or a value is invalid.
+    """
+    if not path.is_file():
+        raise LLMOpsError(f"Config file {path} not found. Run from the project root or pass --params FILE.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise LLMOpsError(f"{path} is not valid YAML: {exc}. Fix the file and run again.") from None
+    if not isinstance(raw, dict):
+        raise LLMOpsError(f"{path} must be a mapping of sections (model:, data:, finetune:, ...).")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise LLMOpsError(
+            f"Invalid parameters in {path} (with overrides {overrides or {}}): {problems}. "
+            "Fix the value in params.yaml or in --set."
+        ) from None
+    return _resolve(params, path.resolve().parent)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn `["finetune.lr=1e-4", ...]` into `{"finetune.lr": 1e-4}`; values are parsed as YAML scalars."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise LLMOpsError(
+                f"--set expects key=value (for example finetune.learning_rate=1e-4), got {pair!r}."
+            )
+        overrides[key.strip()] = yaml.safe_load(value) if value else ""
+    return overrides
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise LLMOpsError(f"Cannot set {key}: {part} is a value, not a section.")
+        node = child
+    node[leaf] = value
+
+
+def _resolve(params: Params, root: Path) -> Params:
+    """Anchor relative paths at the folder holding params.yaml (so any cwd works) and apply the
+    deployment environment: MLFLOW_TRACKING_URI, LLMOPS_ARTIFACT_LOCATION, LLMOPS_REGISTERED_MODEL."""
+
+    def anchored(p: Path) -> Path:
+        return p if p.is_absolute() else root / p
+
+    base = params.model.base
+    if (root / base).exists() or base.startswith((".", "/")) or base == ModelParams().base:
+        base = str(anchored(Path(base)))
+    uri = os.environ.get("MLFLOW_TRACKING_URI", params.tracking.uri)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{anchored(Path(uri.removeprefix('sqlite:///')))}"
+    artifact_location = os.environ.get("LLMOPS_ARTIFACT_LOCATION", params.tracking.artifact_location)
+    if "://" not in artifact_location:
+        artifact_location = anchored(Path(artifact_location)).as_uri()
+    return params.model_copy(
+        update={
+            "model": params.model.model_copy(update={"base": base}),
+            "data": DataParams(train=anchored(params.data.train), eval=anchored(params.data.eval)),
+            "tracking": params.tracking.model_copy(
+                update={"uri": uri, "artifact_location": artifact_location}
+            ),
+            "registry": RegistryParams(
+                model_name=os.environ.get("LLMOPS_REGISTERED_MODEL", params.registry.model_name)
+            ),
+            "work_dir": anchored(params.work_dir),
+        }
+    )

@@ -1,0 +1,62 @@
+"""Turning a stage function into a Prefect task, cached on what actually determines its output."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+from pydantic import BaseModel
+
+# Code every stage depends on besides its own module: a change here must invalidate every cache.
+_SHARED_MODULES = [Path(__file__).with_name(name) for name in ("modeling.py", "data.py", "files.py")]
+
+
+def stage_cache_key(context: TaskRunContext, inputs: dict[str, Any]) -> str:
+    """Hash of the stage's inputs (except its output folder) and of the code that computes it.
+
+    Inputs that are local folders (a base model, an upstream artifact) are fingerprinted by their files'
+    names, sizes and modification times, so a rebuilt model invalidates the cache even at the same path.
+    """
+    fn = context.task.fn
+    digest = hashlib.sha256()
+    for source in [Path(inspect.getsourcefile(fn)), *_SHARED_MODULES]:
+        digest.update(source.read_bytes())
+    payload = {name: value for name, value in inputs.items() if name != "out"}
+    digest.update(json.dumps(payload, sort_keys=True, default=_encode).encode())
+    return f"{fn.__module__}.{fn.__name__}-{digest.hexdigest()[:32]}"
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return {"path": str(value), "files": _fingerprint(value)}
+    return str(value)
+
+
+def _fingerprint(path: Path) -> list[tuple[str, int, int]]:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.exists() else []
+    return [
+        (str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in files
+        if f.is_file()
+    ]
+
+
+def cached_stage(fn: Callable) -> Callable:
+    """A Prefect task whose result is persisted and reused while inputs and code are unchanged."""
+    return task(fn, name=fn.__name__, cache_key_fn=stage_cache_key, persist_result=True)
+
+
+def stage(fn: Callable) -> Callable:
+    """A Prefect task that always runs (its output depends on state outside its inputs)."""
+    return task(fn, name=fn.__name__)

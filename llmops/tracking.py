@@ -1,0 +1,288 @@
+"""MLflow: one run per retrain, the model registry, and the champion's history.
+
+With the promote stage, this is the only code that touches the registry. Aliases: `champion` is the model
+in production, `challenger` the latest candidate the gate rejected. Every change of champion is appended to
+the registered model's tags as a `champion_history.NNNN` event, so who is champion, since when and why can
+always be read back, and a rollback replays that history instead of guessing.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from pydantic import BaseModel
+
+from llmops.config import Params, RegistryParams, TrackingParams
+from llmops.errors import LLMOpsError
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "champion_history."
+
+
+def client_for(tracking: TrackingParams) -> MlflowClient:
+    mlflow.set_tracking_uri(tracking.uri)
+    return MlflowClient(tracking.uri)
+
+
+def git_commit(root: Path) -> str:
+    """The commit the code ran at, suffixed `-dirty` when the work tree has uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+@dataclass
+class StageTiming:
+    name: str
+    seconds: float
+    cached: bool
+
+
+@dataclass
+class TrackedRun:
+    """One MLflow run for one flow run. Ends FINISHED, or FAILED (with the failing stage) if the block raises."""
+
+    params: Params
+    run_name: str
+    tags: dict[str, str]
+    run_id: str = ""
+    timings: list[StageTiming] = field(default_factory=list)
+
+    def __enter__(self) -> TrackedRun:
+        self.client = client_for(self.params.tracking)
+        experiment = self.client.get_experiment_by_name(self.params.tracking.experiment)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self.client.create_experiment(
+                self.params.tracking.experiment, artifact_location=self.params.tracking.artifact_location
+            )
+        )
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
+        self.run_id = run.info.run_id
+        flat = _flatten(self.params.model_dump(mode="json", by_alias=True))
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+        self.client.log_dict(self.run_id, self.params.model_dump(mode="json", by_alias=True), "params.json")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            failed = self.tags.get("running_stage", "unknown")
+            self.client.set_tag(self.run_id, "failed_stage", failed)
+            self.client.set_tag(self.run_id, "error", str(exc)[:5000])
+        self.client.set_terminated(self.run_id, "FAILED" if exc else "FINISHED")
+
+    def stage(self, name: str, task: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run a Prefect task, time it, and log its result's numbers as metrics and the whole as JSON."""
+        self.tags["running_stage"] = name
+        start = time.perf_counter()
+        state = task(*args, return_state=True, **kwargs)
+        result = state.result()  # re-raises the stage's exception
+        timing = StageTiming(name, time.perf_counter() - start, cached=state.name == "Cached")
+        self.timings.append(timing)
+        metrics = {f"stage_seconds.{name}": timing.seconds}
+        if isinstance(result, BaseModel):
+            dump = result.model_dump(mode="json")
+            metrics |= {f"{name}.{k}": v for k, v in _flatten(dump).items() if _is_number(v)}
+            self.client.log_dict(self.run_id, dump, f"stages/{name}.json")
+        self.log_metrics(metrics)
+        for step, loss in enumerate(getattr(result, "loss_history", []), start=1):
+            self.client.log_metric(self.run_id, "train_loss", loss, step=step)
+        return result
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        elif not isinstance(value, list):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class TextGenerator(mlflow.pyfunc.PythonModel):
+    """The registered model: prompts in, greedy completions out, through the same code the evaluation used."""
+
+    def load_context(self, context) -> None:
+        from llmops.modeling import load_model, load_tokenizer
+
+        self.tokenizer = load_tokenizer(context.artifacts["model"])
+        self.model = load_model(context.artifacts["model"])
+
+    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
+        from llmops.modeling import generate
+
+        max_new_tokens = int((params or {}).get("max_new_tokens", 64))
+        return [g.text for g in generate(self.model, self.tokenizer, list(model_input), max_new_tokens)]
+
+
+def register_model(
+    tracking: TrackingParams, registry: RegistryParams, run_id: str, model_dir: Path, tags: dict[str, str]
+) -> ModelVersion:
+    """Log `model_dir` as an MLflow pyfunc model in `run_id` and register it as a new version."""
+    client_for(tracking)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=TextGenerator(),
+            artifacts={"model": str(model_dir)},
+            pip_requirements=_requirements(),
+        )
+    return mlflow.register_model(info.model_uri, registry.model_name, tags=tags)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [
+        f"{name}=={version(name)}" for name in ("torch", "transformers", "gptqmodel", "optimum", "llmops")
+    ]
+
+
+def set_alias(
+    tracking: TrackingParams, registry: RegistryParams, alias: str, version: str, reason: str
+) -> None:
+    """Point `alias` at `version`; a new champion is also appended to the champion history."""
+    client = client_for(tracking)
+    client.set_registered_model_alias(registry.model_name, alias, version)
+    client.set_model_version_tag(registry.model_name, version, f"{alias}_reason", reason)
+    if alias == CHAMPION:
+        _append_history(
+            client, registry.model_name, {"event": "promote", "version": version, "reason": reason}
+        )
+
+
+def _append_history(client: MlflowClient, name: str, event: dict[str, str]) -> None:
+    number = len(champion_history(client, name)) + 1
+    event = {**event, "at": datetime.now(UTC).isoformat(timespec="seconds"), "by": getpass.getuser()}
+    client.set_registered_model_tag(name, f"{HISTORY_TAG}{number:04d}", json.dumps(event))
+
+
+def champion_history(client: MlflowClient, name: str) -> list[dict[str, str]]:
+    """Every change of champion, oldest first."""
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException:
+        return []
+    return [json.loads(tags[key]) for key in sorted(tags) if key.startswith(HISTORY_TAG)]
+
+
+def _champion_stack(history: list[dict[str, str]]) -> list[str]:
+    """Replay the history: a promotion pushes a version, a rollback pops one. The top is the champion."""
+    stack: list[str] = []
+    for event in history:
+        if event["event"] == "promote":
+            stack.append(event["version"])
+        elif event["event"] == "rollback" and stack:
+            stack.pop()
+    return stack
+
+
+def champion_version(tracking: TrackingParams, registry: RegistryParams) -> ModelVersion | None:
+    try:
+        return client_for(tracking).get_model_version_by_alias(registry.model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def download_champion(tracking: TrackingParams, registry: RegistryParams, dest_root: Path) -> Path | None:
+    """Fetch the champion's model folder (cached per version under `dest_root`); None when there is none."""
+    champion = champion_version(tracking, registry)
+    if champion is None:
+        return None
+    dest = dest_root / f"{registry.model_name}-v{champion.version}"
+    if not dest.exists():
+        tmp = dest.with_name(dest.name + ".partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(
+            f"models:/{registry.model_name}/{champion.version}", dst_path=str(tmp)
+        )
+        tmp.rename(dest)
+    return next(config.parent for config in sorted(dest.rglob("config.json")))
+
+
+def rollback(tracking: TrackingParams, registry: RegistryParams, reason: str) -> tuple[str, str]:
+    """Move `champion` back to the version it displaced; returns (from_version, to_version)."""
+    client = client_for(tracking)
+    stack = _champion_stack(champion_history(client, registry.model_name))
+    if len(stack) < 2:
+        raise LLMOpsError(
+            f"Registered model {registry.model_name!r} has no previous champion to roll back to "
+            f"(champion history holds {len(stack)} promotion(s)). Nothing was changed."
+        )
+    current, previous = stack[-1], stack[-2]
+    client.set_registered_model_alias(registry.model_name, CHAMPION, previous)
+    client.set_model_version_tag(registry.model_name, previous, f"{CHAMPION}_reason", reason)
+    _append_history(
+        client,
+        registry.model_name,
+        {"event": "rollback", "version": previous, "from": current, "reason": reason},
+    )
+    return current, previous
+
+
+def describe_champion(tracking: TrackingParams, registry: RegistryParams) -> dict[str, Any] | None:
+    """What `llmops status` shows: the champion version, its metrics, lineage and history."""
+    champion = champion_version(tracking, registry)
+    if champion is None:
+        return None
+    client = client_for(tracking)
+    metrics = client.get_run(champion.run_id).data.metrics if champion.run_id else {}
+    prefix = "evaluate.candidate."
+    return {
+        "model": registry.model_name,
+        "version": champion.version,
+        "registered_at": datetime.fromtimestamp(champion.creation_timestamp / 1000, UTC).isoformat(
+            timespec="seconds"
+        ),
+        "run_id": champion.run_id,
+        "metrics": {
+            k.removeprefix(prefix): v for k, v in sorted(metrics.items()) if k.startswith(prefix) and k != f"{prefix}rows"
+        },
+        "lineage": {k: v for k, v in champion.tags.items() if k.startswith("lineage.")},
+        "reason": champion.tags.get(f"{CHAMPION}_reason", ""),
+        "history": champion_history(client, registry.model_name),
+    }
+
+
+def iter_versions(tracking: TrackingParams, registry: RegistryParams) -> Iterator[ModelVersion]:
+    yield from client_for(tracking).search_model_versions(f"name = '{registry.model_name}'")

@@ -1,0 +1,187 @@
+"""Build the default base model and the demo dataset locally, since no model or dataset hub is reachable.
+
+The demo follows how instruction tuning works on real models: pre-training gives knowledge, fine-tuning
+teaches the format that retrieves it. The base model (a small Llama-architecture causal LM with a byte-level
+BPE tokenizer trained here) is pre-trained on plain sentences stating facts about 48 entities: each one's
+kind and color. The instruction dataset asks about those facts in question templates the base has never
+seen; the eval split holds out (question, entity) pairs that fine-tuning never shows. The base knows the
+facts but rambles past the answer, so its exact match is low; a LoRA fine-tune that learns to answer in
+one word and stop raises it, which is what the gate checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from llmops.config import DEFAULT_PARAMS, BootstrapParams, load_params
+from llmops.data import Example, write_jsonl
+from llmops.files import atomic_dir, write_stage_metadata
+
+log = logging.getLogger(__name__)
+
+KINDS = {
+    "animal": "tiger rabbit falcon dragon horse otter badger camel",
+    "fruit": "apple lemon cherry mango peach plum grape melon",
+    "tool": "hammer pencil ladder kettle shovel needle wrench anchor",
+    "place": "castle harbor desert island canyon meadow forest garden",
+    "vehicle": "rocket wagon engine bicycle tractor canoe sled trolley",
+    "fabric": "velvet cotton silk linen wool denim satin tweed",
+}
+COLORS = "red blue green orange violet silver yellow brown".split()
+FACT_SENTENCES = [
+    "the {entity} is a {kind} and it is {color}",
+    "the {entity} is {color}",
+    "a {entity} is a kind of {kind}",
+    "the {color} {entity} is a {kind}",
+    "every {entity} is {color}",
+]
+QUESTIONS = {
+    "kind": [
+        "What kind of thing is the {entity}?",
+        "The {entity} belongs to which group?",
+        "Name the category of the {entity}.",
+        "Which kind of thing is a {entity}?",
+        "Is the {entity} an animal, a fruit, a tool, a place, a vehicle or a fabric?",
+        "Classify the {entity}.",
+    ],
+    "color": [
+        "What color is the {entity}?",
+        "Tell me the color of the {entity}.",
+        "Which color does the {entity} have?",
+        "The {entity} has what color?",
+        "Name the color of a {entity}.",
+        "What is the color of the {entity}?",
+    ],
+}
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def world(seed: int) -> dict[str, dict[str, str]]:
+    """The facts: every entity's kind and (seeded) color."""
+    rng = random.Random(seed)
+    return {
+        entity: {"kind": kind, "color": rng.choice(COLORS)}
+        for kind, entities in KINDS.items()
+        for entity in entities.split()
+    }
+
+
+@dataclass(frozen=True)
+class DemoDataset:
+    train: Path
+    eval: Path
+
+
+def build_demo_dataset(params: BootstrapParams, out: Path) -> DemoDataset:
+    """Write every (question, entity) pair once, split at random: eval pairs never appear in train."""
+    facts = world(params.seed)
+    rows = [
+        Example(prompt=question.format(entity=entity), response=facts[entity][attribute])
+        for attribute, questions in QUESTIONS.items()
+        for question in questions
+        for entity in facts
+    ]
+    random.Random(params.seed).shuffle(rows)
+    held_out = round(len(rows) * params.eval_fraction)
+    with atomic_dir(out) as tmp:
+        write_jsonl(tmp / "train.jsonl", rows[held_out:])
+        write_jsonl(tmp / "eval.jsonl", rows[:held_out])
+        write_stage_metadata(
+            tmp, "bootstrap-data", params, rows={"train": len(rows) - held_out, "eval": held_out}
+        )
+    return DemoDataset(train=out / "train.jsonl", eval=out / "eval.jsonl")
+
+
+def pretraining_corpus(params: BootstrapParams, lines: int) -> list[str]:
+    rng = random.Random(params.seed)
+    facts = world(params.seed)
+    entities = sorted(facts)
+    return [
+        rng.choice(FACT_SENTENCES).format(entity=entity, **facts[entity])
+        for entity in (rng.choice(entities) for _ in range(lines))
+    ]
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    # The instruction template and questions are in the tokenizer's corpus (never in the model's), so
+    # they tokenize into whole words as they would with a real tokenizer trained on far more text.
+    questions = [q for qs in QUESTIONS.values() for q in qs]
+    tokenizer.train_from_iterator(
+        corpus + ["### Instruction:\n### Response:\n"] * 50 + questions * 20, trainer
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def build_base_model(params: BootstrapParams, out: Path) -> Path:
+    """Train the tokenizer, initialise a tiny Llama and pre-train it briefly; save like a hub model."""
+    rng = random.Random(params.seed)
+    torch.manual_seed(params.seed)
+    corpus = pretraining_corpus(params, 6000)
+    tokenizer = train_tokenizer(corpus, params.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=params.hidden_size,
+        intermediate_size=params.hidden_size * 3,
+        num_hidden_layers=params.num_layers,
+        num_attention_heads=params.num_heads,
+        num_key_value_heads=params.num_heads,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    model.train()
+    for _ in tqdm(range(params.pretrain_steps), desc="pre-training base model"):
+        texts = [tokenizer.bos_token + line + tokenizer.eos_token for line in rng.sample(corpus, 32)]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    log.info("pre-trained base model: final loss %.3f", loss.item())
+    model.eval()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_stage_metadata(
+            tmp,
+            "bootstrap-model",
+            params,
+            parameters=model.num_parameters(),
+            final_loss=round(loss.item(), 4),
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the default tiny base model and demo dataset.")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    args = parser.parse_args()
+    params = load_params(args.params)
+    build_base_model(params.bootstrap, Path(params.model.base))
+    build_demo_dataset(params.bootstrap, params.data.train.parent)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Score the deployable candidate, the base model and the current champion on the held-out eval split."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from pathlib import Path
+
+import sacrebleu
+from pydantic import BaseModel
+from rouge_score import rouge_scorer
+
+from llmops.config import EvaluateParams
+from llmops.data import Example, read_examples
+from llmops.files import atomic_dir, write_json, write_stage_metadata
+from llmops.modeling import EVAL_MAX_SEQ_LEN, generate, load_model, load_tokenizer, response_perplexity
+from llmops.orchestration import stage
+from tasks.validate import DatasetRef
+
+log = logging.getLogger(__name__)
+SAMPLES_KEPT = 5
+
+
+class Sample(BaseModel, frozen=True):
+    prompt: str
+    expected: str
+    generated: str
+
+
+class ModelScores(BaseModel, frozen=True):
+    """Metrics of one model; `*_se` are standard errors over eval rows, used by the gate's noise margin."""
+
+    model: str
+    perplexity: float
+    exact_match: float
+    exact_match_se: float
+    rouge_l: float
+    rouge_l_se: float
+    bleu: float
+    eos_rate: float
+    rows: int
+    samples: list[Sample]
+
+
+class EvalReport(BaseModel, frozen=True):
+    candidate: ModelScores
+    base: ModelScores
+    champion: ModelScores | None
+    report_file: Path
+
+
+def _standard_error(values: list[float]) -> float:
+    return statistics.pstdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+def score_model(params: EvaluateParams, model_path: str | Path, examples: list[Example]) -> ModelScores:
+    """Perplexity of the references, then greedy generations scored against them."""
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path)
+    perplexity = response_perplexity(model, tokenizer, examples, EVAL_MAX_SEQ_LEN)
+    generations = generate(model, tokenizer, [e.prompt for e in examples], params.max_new_tokens)
+    texts = [g.text for g in generations]
+    references = [e.response.strip() for e in examples]
+    matches = [
+        float(" ".join(t.split()) == " ".join(r.split())) for t, r in zip(texts, references, strict=True)
+    ]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = [scorer.score(r, t)["rougeL"].fmeasure for t, r in zip(texts, references, strict=True)]
+    return ModelScores(
+        model=str(model_path),
+        perplexity=perplexity,
+        exact_match=statistics.fmean(matches),
+        exact_match_se=_standard_error(matches),
+        rouge_l=statistics.fmean(rouge),
+        rouge_l_se=_standard_error(rouge),
+        # Sentence BLEU with effective n-gram order, averaged: corpus BLEU is 0 for answers under 4 words.
+        bleu=statistics.fmean(
+            sacrebleu.sentence_bleu(t, [r], smooth_method="exp").score / 100
+            for t, r in zip(texts, references, strict=True)
+        ),
+        eos_rate=statistics.fmean(float(g.stopped_at_eos) for g in generations),
+        rows=len(examples),
+        samples=[
+            Sample(prompt=e.prompt, expected=e.response, generated=t)
+            for e, t in list(zip(examples, texts, strict=True))[:SAMPLES_KEPT]
+        ],
+    )
+
+
+def evaluate_models(
+    params: EvaluateParams,
+    candidate: Path,
+    base_model: str,
+    champion: Path | None,
+    data: DatasetRef,
+    out: Path,
+) -> EvalReport:
+    """Score each model on the same eval rows and write the JSON report to `out`."""
+    examples = read_examples(data.eval)[: params.max_samples]
+    scores = {
+        "candidate": score_model(params, candidate, examples),
+        "base": score_model(params, base_model, examples),
+        "champion": score_model(params, champion, examples) if champion else None,
+    }
+    for name, score in scores.items():
+        if score:
+            log.info(
+                "%s: exact match %.3f, ROUGE-L %.3f, perplexity %.3f",
+                name,
+                score.exact_match,
+                score.rouge_l,
+                score.perplexity,
+            )
+    with atomic_dir(out) as tmp:
+        write_json(
+            tmp / "eval_report.json", {k: v.model_dump(mode="json") if v else None for k, v in scores.items()}
+        )
+        write_stage_metadata(tmp, "evaluate", params, dataset=data.model_dump(mode="json"))
+    return EvalReport(**scores, report_file=out / "eval_report.json")
+
+
+evaluate_task = stage(evaluate_models)
