@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_no_traceback_for_user_errors)
     try:
         return args.command(args)
     except LLMOpsError as exc:
@@ -38,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
             1,
             args,
         )
+
+
+def _no_traceback_for_user_errors(record: logging.LogRecord) -> bool:
+    """Prefect logs a failed task with its traceback; for a problem the user can fix, the message is enough.
+    (Only the terminal is spared: the Prefect API keeps the full record.)"""
+    if record.exc_info and isinstance(record.exc_info[1], LLMOpsError):
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def _fail(message: str, code: int, args: argparse.Namespace) -> int:

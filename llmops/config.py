@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from llmops.errors import LLMOpsError
 
 DEFAULT_PARAMS = Path("params.yaml")
+_SCIENTIFIC = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 class Section(BaseModel):
@@ -141,7 +143,7 @@ class RegistryParams(Section):
 
 
 class TrackingParams(Section):
-    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (env MLFLOW_TRACKING_URI wins).")
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (env LLMOPS_TRACKING_URI wins).")
     artifact_location: str = Field(
         "mlartifacts", description="Artifact root for new experiments (env LLMOPS_ARTIFACT_LOCATION wins)."
     )
@@ -210,8 +212,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise LLMOpsError(
                 f"--set expects key=value (for example finetune.learning_rate=1e-4), got {pair!r}."
             )
-        overrides[key.strip()] = yaml.safe_load(value) if value else ""
+        overrides[key.strip()] = _parse_value(value)
     return overrides
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalars, except that `1e-4` is a number (YAML 1.1 would read it as a string)."""
+    if _SCIENTIFIC.fullmatch(text.strip()):
+        return float(text)
+    return yaml.safe_load(text) if text else ""
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -227,7 +236,10 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def _resolve(params: Params, root: Path) -> Params:
     """Anchor relative paths at the folder holding params.yaml (so any cwd works) and apply the
-    deployment environment: MLFLOW_TRACKING_URI, LLMOPS_ARTIFACT_LOCATION, LLMOPS_REGISTERED_MODEL."""
+    deployment environment: LLMOPS_TRACKING_URI, LLMOPS_ARTIFACT_LOCATION, LLMOPS_REGISTERED_MODEL.
+
+    Not MLFLOW_TRACKING_URI: MLflow itself exports that variable whenever a process sets a tracking URI,
+    so in a long-lived worker it would carry one run's store into the next."""
 
     def anchored(p: Path) -> Path:
         return p if p.is_absolute() else root / p
@@ -235,7 +247,7 @@ def _resolve(params: Params, root: Path) -> Params:
     base = params.model.base
     if (root / base).exists() or base.startswith((".", "/")) or base == ModelParams().base:
         base = str(anchored(Path(base)))
-    uri = os.environ.get("MLFLOW_TRACKING_URI", params.tracking.uri)
+    uri = os.environ.get("LLMOPS_TRACKING_URI", params.tracking.uri)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{anchored(Path(uri.removeprefix('sqlite:///')))}"
     artifact_location = os.environ.get("LLMOPS_ARTIFACT_LOCATION", params.tracking.artifact_location)

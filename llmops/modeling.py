@@ -54,6 +54,11 @@ def load_model(name_or_path: str | Path, quantization: str = "none") -> PreTrain
 
 
 def _not_found(name_or_path: str | Path, exc: Exception) -> LLMOpsError:
+    if str(name_or_path).startswith(("/", ".")):
+        return LLMOpsError(
+            f"Model folder {name_or_path} does not exist or holds no model. Run `llmops bootstrap` to build the "
+            "default tiny model, or set model.base in params.yaml to a model folder or a Hugging Face model id."
+        )
     return LLMOpsError(
         f"Cannot load model {name_or_path}: it is not a model folder here and could not be fetched as a "
         f"Hugging Face model id ({str(exc).splitlines()[0]}). Run `llmops bootstrap` to build the default "

@@ -28,9 +28,14 @@ def stage_cache_key(context: TaskRunContext, inputs: dict[str, Any]) -> str:
     digest = hashlib.sha256()
     for source in [Path(inspect.getsourcefile(fn)), *_SHARED_MODULES]:
         digest.update(source.read_bytes())
-    payload = {name: value for name, value in inputs.items() if name != "out"}
+    payload = {name: _as_path_if_local(value) for name, value in inputs.items() if name != "out"}
     digest.update(json.dumps(payload, sort_keys=True, default=_encode).encode())
     return f"{fn.__module__}.{fn.__name__}-{digest.hexdigest()[:32]}"
+
+
+def _as_path_if_local(value: Any) -> Any:
+    """A string naming a local file or folder (a base model path) is fingerprinted like a Path."""
+    return Path(value) if isinstance(value, str) and Path(value).exists() else value
 
 
 def _encode(value: Any) -> Any:

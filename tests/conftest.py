@@ -1,0 +1,71 @@
+"""Shared fixtures: one real tiny model and demo dataset per session, a private params file per test.
+
+Prefect's home and result storage point at a temporary folder before Prefect is imported, so cached stage
+results never leak between test sessions or into the user's ~/.prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="llmops-tests-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(Path(_PREFECT_HOME) / "storage")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("LLMOPS_TRACKING_URI", None)
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from llmops.config import Params, load_params  # noqa: E402
+from tasks.bootstrap import build_base_model, build_demo_dataset  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Path:
+    """The default bootstrap, built once: `model/` and `data/{train,eval}.jsonl`."""
+    root = tmp_path_factory.mktemp("assets")
+    params = load_params(PROJECT / "params.yaml")
+    build_base_model(params.bootstrap, root / "model")
+    build_demo_dataset(params.bootstrap, root / "data")
+    return root
+
+
+def write_params(folder: Path, assets: Path, **overrides) -> Path:
+    """The shipped params.yaml, pointed at the session's assets and a private store, plus overrides
+    given as `section__key=value`."""
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    raw["model"]["base"] = str(assets / "model")
+    raw["data"] = {"train": str(assets / "data" / "train.jsonl"), "eval": str(assets / "data" / "eval.jsonl")}
+    raw["tracking"] = {"uri": f"sqlite:///{folder / 'mlflow.db'}", "artifact_location": str(folder / "mlartifacts"),
+                       "experiment": "tests"}
+    raw["work_dir"] = str(folder / "work")
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        raw.setdefault(section, {})[field] = value
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def params_file(tmp_path, assets) -> Path:
+    return write_params(tmp_path, assets)
+
+
+@pytest.fixture
+def params(params_file) -> Params:
+    return load_params(params_file)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real, temporary Prefect API (SQLite) for tests that run flows."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

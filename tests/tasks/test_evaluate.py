@@ -1,0 +1,31 @@
+import json
+
+import pytest
+
+from llmops.config import EvaluateParams, ValidateParams
+from llmops.data import Example
+from tasks.evaluate import evaluate_models, score_model
+from tasks.validate import validate_dataset
+
+
+def test_scores_follow_the_generations(assets):
+    # The base model knows the facts but not the format, so it rambles: exact match must be low,
+    # and asking it to reproduce its own greedy output must score perfectly.
+    model = assets / "model"
+    questions = [Example(prompt="What color is the tiger?", response="placeholder")]
+    own = score_model(EvaluateParams(max_new_tokens=6), model, questions).samples[0].generated
+    perfect = score_model(EvaluateParams(max_new_tokens=6), model, [Example("What color is the tiger?", own)])
+    assert perfect.exact_match == 1.0 and perfect.rouge_l == pytest.approx(1.0) and perfect.bleu > 0.99
+    wrong = score_model(EvaluateParams(max_new_tokens=6), model, [Example("What color is the tiger?", "zebra")])
+    assert wrong.exact_match == 0.0 and wrong.rouge_l == 0.0
+    assert wrong.perplexity > perfect.perplexity
+
+
+def test_report_covers_candidate_base_and_champion(assets, tmp_path):
+    data = validate_dataset(ValidateParams(), assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl")
+    params = EvaluateParams(max_samples=8, max_new_tokens=4)
+    report = evaluate_models(params, assets / "model", str(assets / "model"), None, data, tmp_path / "eval")
+    assert report.champion is None and report.candidate.rows == 8
+    assert report.candidate == report.base  # the same model scored twice scores the same
+    saved = json.loads(report.report_file.read_text())
+    assert saved["candidate"]["exact_match"] == report.candidate.exact_match and saved["champion"] is None

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from llmops.config import GateParams
+from tasks.evaluate import EvalReport, ModelScores
+from tasks.gate import decide
+from tasks.quantize import QuantizeResult
+
+QUANT = QuantizeResult(model_dir=Path("q"), method="gptq", size_bytes=1, merged_size_bytes=4, perplexity=1.2,
+                       merged_perplexity=1.2)
+
+
+def scores(em=0.9, rouge=0.9, eos=1.0, ppl=1.2, se=0.03) -> ModelScores:
+    return ModelScores(model="m", perplexity=ppl, exact_match=em, exact_match_se=se, rouge_l=rouge,
+                       rouge_l_se=se, bleu=em, eos_rate=eos, rows=100, samples=[])
+
+
+def report(candidate=None, champion=None, base=None) -> EvalReport:
+    return EvalReport(candidate=candidate or scores(), base=base or scores(em=0.0, rouge=0.1, ppl=30),
+                      champion=champion, report_file=Path("r.json"))
+
+
+def failed(decision) -> set[str]:
+    return {check.name for check in decision.checks if not check.passed}
+
+
+def test_first_candidate_is_judged_by_absolute_checks_alone():
+    decision = decide(GateParams(), report(), QUANT)
+    assert decision.passed and decision.reasons == ["all checks passed"]
+    assert not any("champion" in check.name for check in decision.checks)
+
+
+@pytest.mark.parametrize(
+    ("candidate", "failing"),
+    [
+        (scores(em=0.1), {"exact_match"}),
+        (scores(rouge=0.2), {"rouge_l"}),
+        (scores(eos=0.5), {"eos_rate"}),
+    ],
+)
+def test_each_floor_rejects(candidate, failing):
+    decision = decide(GateParams(), report(candidate=candidate), QUANT)
+    assert not decision.passed and failed(decision) == failing
+
+
+def test_candidate_must_beat_the_base():
+    decision = decide(GateParams(min_exact_match=0.0), report(candidate=scores(em=0.5), base=scores(em=0.5)), QUANT)
+    assert failed(decision) == {"exact_match vs base"}
+    assert decide(GateParams(require_better_than_base=False, min_exact_match=0.0),
+                  report(candidate=scores(em=0.5), base=scores(em=0.5)), QUANT).passed
+
+
+def test_quantization_loss_is_bounded():
+    lossy = QUANT.model_copy(update={"perplexity": 1.5})
+    assert failed(decide(GateParams(), report(), lossy)) == {"quantization ppl ratio"}
+
+
+def test_a_drop_within_noise_passes_and_beyond_it_fails():
+    champion = scores(em=0.9, rouge=0.9, se=0.03)
+    # margin = max(0.02, 2 * hypot(0.03, 0.03)) = 0.085
+    assert decide(GateParams(), report(candidate=scores(em=0.83, rouge=0.83), champion=champion), QUANT).passed
+    decision = decide(GateParams(), report(candidate=scores(em=0.80, rouge=0.9), champion=champion), QUANT)
+    assert failed(decision) == {"exact_match vs champion"}
+    # With no noise the fixed margin alone applies.
+    exact = scores(em=0.9, se=0.0)
+    decision = decide(GateParams(), report(candidate=scores(em=0.87, se=0.0), champion=exact), QUANT)
+    assert failed(decision) == {"exact_match vs champion"}
+
+
+def test_perplexity_regression_against_champion_fails():
+    decision = decide(GateParams(), report(candidate=scores(ppl=1.4), champion=scores(ppl=1.2)), QUANT)
+    assert failed(decision) == {"perplexity vs champion"}
+    assert "perplexity 1.400 vs champion 1.200" in " ".join(decision.reasons)
+
+
+def test_markdown_lists_every_check():
+    decision = decide(GateParams(), report(candidate=scores(em=0.1), champion=scores()), QUANT)
+    text = decision.to_markdown()
+    assert text.startswith("## Gate REJECTED")
+    assert all(check.name in text for check in decision.checks)

@@ -1,0 +1,34 @@
+import pytest
+
+from llmops.config import QuantizeParams, ValidateParams
+from llmops.modeling import generate, load_model, load_tokenizer
+from tasks.merge import MergeResult
+from tasks.quantize import quantize_model
+from tasks.validate import validate_dataset
+
+
+@pytest.fixture(scope="module")
+def inputs(assets):
+    data = validate_dataset(ValidateParams(), assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl")
+    # The bootstrapped base stands in for a merged model: same architecture, same folder layout.
+    return data, MergeResult(model_dir=assets / "model", max_logit_diff=0.0)
+
+
+@pytest.mark.slow
+def test_gptq_model_is_smaller_loads_and_generates(inputs, tmp_path):
+    data, merged = inputs
+    result = quantize_model(QuantizeParams(), merged, data, tmp_path / "gptq")
+    assert result.method == "gptq"
+    assert result.size_bytes < 0.5 * result.merged_size_bytes
+    assert 0.9 < result.perplexity_ratio < 1.2
+    model = load_model(result.model_dir)
+    assert type(model.model.layers[0].self_attn.q_proj).__module__.startswith("gptqmodel")
+    [generation] = generate(model, load_tokenizer(result.model_dir), ["What color is the tiger?"], 4)
+    assert isinstance(generation.text, str)
+
+
+def test_method_none_deploys_the_merged_model(inputs, tmp_path):
+    data, merged = inputs
+    result = quantize_model(QuantizeParams(method="none"), merged, data, tmp_path / "none")
+    assert result.model_dir == merged.model_dir and result.perplexity_ratio == 1.0
+    assert not (tmp_path / "none").exists()
