@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/llmops bootstrap
 	$(BIN)/llmops run
 
-test: setup
+test: setup lint
 	$(BIN)/pytest -q
 
 test-quick: setup
@@ -32,4 +32,4 @@ mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf work mlflow.db mlartifacts .prefect
+	rm -rf work mlflow.db mlartifacts

@@ -26,7 +26,6 @@ from tasks.promote import Lineage, Promotion, promote_task
 from tasks.quantize import quantize_task
 from tasks.validate import validate_task
 
-STAGES = ["validate", "finetune", "merge", "quantize", "evaluate", "gate", "promote"]
 fetch_champion_task = stage(tracking.download_champion)
 
 
@@ -61,12 +60,8 @@ def retrain(
         adapter = run.stage(
             "finetune", finetune_task, params.finetune, params.model.base, data, out=run_dir / "finetune"
         )
-        merged = run.stage(
-            "merge", merge_task, params.merge, params.model.base, adapter, data, out=run_dir / "merge"
-        )
-        deployable = run.stage(
-            "quantize", quantize_task, params.quantize, merged, data, out=run_dir / "quantize"
-        )
+        merged = run.stage("merge", merge_task, params.merge, params.model.base, adapter, data, out=run_dir / "merge")
+        deployable = run.stage("quantize", quantize_task, params.quantize, merged, data, out=run_dir / "quantize")
         champion_dir = run.stage(
             "fetch_champion",
             fetch_champion_task,

@@ -59,9 +59,7 @@ def _fail(message: str, code: int, args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmops", description=__doc__.split(".")[0])
-    parser.add_argument(
-        "--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)"
-    )
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, handler, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
@@ -138,8 +136,7 @@ def _print_summary(summary: Any, params: Params) -> None:
     for c in summary.decision.checks:
         reference = "" if c.reference is None else f"{c.reference:.4f}"
         print(
-            f"  {c.name:<26} {c.candidate:>10.4f} {reference:>10}  {c.threshold:<22} "
-            f"{'pass' if c.passed else 'FAIL'}"
+            f"  {c.name:<26} {c.candidate:>10.4f} {reference:>10}  {c.threshold:<22} {'pass' if c.passed else 'FAIL'}"
         )
     p = summary.promotion
     verdict = "promoted" if p.alias == "champion" else "not promoted: " + "; ".join(summary.decision.reasons)
@@ -183,9 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if champion is None:
         print(f"No champion yet for {params.registry.model_name!r}: run `llmops run` (or `make demo`).")
         return 0
-    print(
-        f"{champion['model']} champion: version {champion['version']} (registered {champion['registered_at']})"
-    )
+    print(f"{champion['model']} champion: version {champion['version']} (registered {champion['registered_at']})")
     print(f"  why: {champion['reason']}")
     for key, value in champion["metrics"].items():
         print(f"  {key:<20} {value:.4f}")
@@ -193,9 +188,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {key.removeprefix('lineage.'):<20} {value}")
     print("  history:")
     for event in champion["history"]:
-        print(
-            f"    {event['at']}  {event['event']:<8} v{event['version']}  by {event['by']}: {event['reason']}"
-        )
+        print(f"    {event['at']}  {event['event']:<8} v{event['version']}  by {event['by']}: {event['reason']}")
     return 0
 
 

@@ -36,9 +36,7 @@ class ModelParams(Section):
 
 
 class DataParams(Section):
-    train: Path = Field(
-        Path("data/demo/train.jsonl"), description="Training split, JSONL of prompt/response."
-    )
+    train: Path = Field(Path("data/demo/train.jsonl"), description="Training split, JSONL of prompt/response.")
     eval: Path = Field(Path("data/demo/eval.jsonl"), description="Held-out evaluation split, same format.")
 
 
@@ -110,9 +108,7 @@ class QuantizeParams(Section):
 
 class EvaluateParams(Section):
     max_new_tokens: int = Field(24, ge=1, description="Generation budget per eval prompt.")
-    max_samples: int | None = Field(
-        None, ge=1, description="Evaluate on the first N eval rows (all if unset)."
-    )
+    max_samples: int | None = Field(None, ge=1, description="Evaluate on the first N eval rows (all if unset).")
 
 
 class GateParams(Section):
@@ -209,9 +205,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise LLMOpsError(
-                f"--set expects key=value (for example finetune.learning_rate=1e-4), got {pair!r}."
-            )
+            raise LLMOpsError(f"--set expects key=value (for example finetune.learning_rate=1e-4), got {pair!r}.")
         overrides[key.strip()] = _parse_value(value)
     return overrides
 
@@ -257,9 +251,7 @@ def _resolve(params: Params, root: Path) -> Params:
         update={
             "model": params.model.model_copy(update={"base": base}),
             "data": DataParams(train=anchored(params.data.train), eval=anchored(params.data.eval)),
-            "tracking": params.tracking.model_copy(
-                update={"uri": uri, "artifact_location": artifact_location}
-            ),
+            "tracking": params.tracking.model_copy(update={"uri": uri, "artifact_location": artifact_location}),
             "registry": RegistryParams(
                 model_name=os.environ.get("LLMOPS_REGISTERED_MODEL", params.registry.model_name)
             ),

@@ -74,9 +74,7 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_seq
     """
     prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt_ids = prefix + tokenizer(format_prompt(example.prompt), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [
-        tokenizer.eos_token_id
-    ]
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_seq_len]
     return {"input_ids": input_ids, "labels": labels}

@@ -50,11 +50,7 @@ def _encode(value: Any) -> Any:
 
 def _fingerprint(path: Path) -> list[tuple[str, int, int]]:
     files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.exists() else []
-    return [
-        (str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns)
-        for f in files
-        if f.is_file()
-    ]
+    return [(str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
 def cached_stage(fn: Callable) -> Callable:

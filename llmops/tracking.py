@@ -13,7 +13,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +74,7 @@ class TrackedRun:
     tags: dict[str, str]
     run_id: str = ""
     timings: list[StageTiming] = field(default_factory=list)
+    client: MlflowClient = field(init=False)
 
     def __enter__(self) -> TrackedRun:
         self.client = client_for(self.params.tracking)
@@ -173,22 +174,16 @@ def register_model(
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [
-        f"{name}=={version(name)}" for name in ("torch", "transformers", "gptqmodel", "optimum", "llmops")
-    ]
+    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "gptqmodel", "optimum", "llmops")]
 
 
-def set_alias(
-    tracking: TrackingParams, registry: RegistryParams, alias: str, version: str, reason: str
-) -> None:
+def set_alias(tracking: TrackingParams, registry: RegistryParams, alias: str, version: str, reason: str) -> None:
     """Point `alias` at `version`; a new champion is also appended to the champion history."""
     client = client_for(tracking)
     client.set_registered_model_alias(registry.model_name, alias, version)
     client.set_model_version_tag(registry.model_name, version, f"{alias}_reason", reason)
     if alias == CHAMPION:
-        _append_history(
-            client, registry.model_name, {"event": "promote", "version": version, "reason": reason}
-        )
+        _append_history(client, registry.model_name, {"event": "promote", "version": version, "reason": reason})
 
 
 def _append_history(client: MlflowClient, name: str, event: dict[str, str]) -> None:
@@ -233,9 +228,7 @@ def download_champion(tracking: TrackingParams, registry: RegistryParams, dest_r
     if not dest.exists():
         tmp = dest.with_name(dest.name + ".partial")
         tmp.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(
-            f"models:/{registry.model_name}/{champion.version}", dst_path=str(tmp)
-        )
+        mlflow.artifacts.download_artifacts(f"models:/{registry.model_name}/{champion.version}", dst_path=str(tmp))
         tmp.rename(dest)
     return next(config.parent for config in sorted(dest.rglob("config.json")))
 
@@ -271,18 +264,15 @@ def describe_champion(tracking: TrackingParams, registry: RegistryParams) -> dic
     return {
         "model": registry.model_name,
         "version": champion.version,
-        "registered_at": datetime.fromtimestamp(champion.creation_timestamp / 1000, UTC).isoformat(
-            timespec="seconds"
-        ),
+        "registered_at": datetime.fromtimestamp(champion.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
         "run_id": champion.run_id,
         "metrics": {
-            k.removeprefix(prefix): v for k, v in sorted(metrics.items()) if k.startswith(prefix) and k != f"{prefix}rows"
+            k.removeprefix(prefix): v
+            for k, v in sorted(metrics.items())
+            if k.startswith(prefix) and k != f"{prefix}rows"
         },
         "lineage": {k: v for k, v in champion.tags.items() if k.startswith("lineage.")},
         "reason": champion.tags.get(f"{CHAMPION}_reason", ""),
         "history": champion_history(client, registry.model_name),
     }
 
-
-def iter_versions(tracking: TrackingParams, registry: RegistryParams) -> Iterator[ModelVersion]:
-    yield from client_for(tracking).search_model_versions(f"name = '{registry.model_name}'")

@@ -36,7 +36,7 @@ KINDS = {
     "vehicle": "rocket wagon engine bicycle tractor canoe sled trolley",
     "fabric": "velvet cotton silk linen wool denim satin tweed",
 }
-COLORS = "red blue green orange violet silver yellow brown".split()
+COLORS = ["red", "blue", "green", "orange", "violet", "silver", "yellow", "brown"]
 FACT_SENTENCES = [
     "the {entity} is a {kind} and it is {color}",
     "the {entity} is {color}",
@@ -95,9 +95,7 @@ def build_demo_dataset(params: BootstrapParams, out: Path) -> DemoDataset:
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / "train.jsonl", rows[held_out:])
         write_jsonl(tmp / "eval.jsonl", rows[:held_out])
-        write_stage_metadata(
-            tmp, "bootstrap-data", params, rows={"train": len(rows) - held_out, "eval": held_out}
-        )
+        write_stage_metadata(tmp, "bootstrap-data", params, rows={"train": len(rows) - held_out, "eval": held_out})
     return DemoDataset(train=out / "train.jsonl", eval=out / "eval.jsonl")
 
 
@@ -123,9 +121,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
     # The instruction template and questions are in the tokenizer's corpus (never in the model's), so
     # they tokenize into whole words as they would with a real tokenizer trained on far more text.
     questions = [q for qs in QUESTIONS.values() for q in qs]
-    tokenizer.train_from_iterator(
-        corpus + ["### Instruction:\n### Response:\n"] * 50 + questions * 20, trainer
-    )
+    tokenizer.train_from_iterator(corpus + ["### Instruction:\n### Response:\n"] * 50 + questions * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 

@@ -62,9 +62,7 @@ def score_model(params: EvaluateParams, model_path: str | Path, examples: list[E
     generations = generate(model, tokenizer, [e.prompt for e in examples], params.max_new_tokens)
     texts = [g.text for g in generations]
     references = [e.response.strip() for e in examples]
-    matches = [
-        float(" ".join(t.split()) == " ".join(r.split())) for t, r in zip(texts, references, strict=True)
-    ]
+    matches = [float(" ".join(t.split()) == " ".join(r.split())) for t, r in zip(texts, references, strict=True)]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score(r, t)["rougeL"].fmeasure for t, r in zip(texts, references, strict=True)]
     return ModelScores(
@@ -113,9 +111,7 @@ def evaluate_models(
                 score.perplexity,
             )
     with atomic_dir(out) as tmp:
-        write_json(
-            tmp / "eval_report.json", {k: v.model_dump(mode="json") if v else None for k, v in scores.items()}
-        )
+        write_json(tmp / "eval_report.json", {k: v.model_dump(mode="json") if v else None for k, v in scores.items()})
         write_stage_metadata(tmp, "evaluate", params, dataset=data.model_dump(mode="json"))
     return EvalReport(**scores, report_file=out / "eval_report.json")
 

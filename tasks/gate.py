@@ -31,9 +31,7 @@ class GateDecision(BaseModel, frozen=True):
         return [check.reason for check in self.checks if not check.passed] or ["all checks passed"]
 
     def to_markdown(self) -> str:
-        verdict = (
-            "PASSED: candidate becomes `champion`" if self.passed else "REJECTED: recorded as `challenger`"
-        )
+        verdict = "PASSED: candidate becomes `champion`" if self.passed else "REJECTED: recorded as `challenger`"
         lines = [
             f"## Gate {verdict}",
             "",

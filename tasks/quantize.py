@@ -19,8 +19,8 @@ from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, write_stage_metadata
 from llmops.modeling import (
     EVAL_MAX_SEQ_LEN,
-    format_prompt,
     folder_size_bytes,
+    format_prompt,
     generate,
     load_model,
     load_tokenizer,
@@ -47,9 +47,7 @@ class QuantizeResult(BaseModel, frozen=True):
         return self.perplexity / self.merged_perplexity
 
 
-def quantize_model(
-    params: QuantizeParams, merged: MergeResult, data: DatasetRef, out: Path
-) -> QuantizeResult:
+def quantize_model(params: QuantizeParams, merged: MergeResult, data: DatasetRef, out: Path) -> QuantizeResult:
     """Quantize `merged.model_dir` into `out` (or pass it through when the method is `none`)."""
     tokenizer = load_tokenizer(merged.model_dir)
     eval_examples = read_examples(data.eval)

@@ -41,8 +41,11 @@ def write_params(folder: Path, assets: Path, **overrides) -> Path:
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
     raw["model"]["base"] = str(assets / "model")
     raw["data"] = {"train": str(assets / "data" / "train.jsonl"), "eval": str(assets / "data" / "eval.jsonl")}
-    raw["tracking"] = {"uri": f"sqlite:///{folder / 'mlflow.db'}", "artifact_location": str(folder / "mlartifacts"),
-                       "experiment": "tests"}
+    raw["tracking"] = {
+        "uri": f"sqlite:///{folder / 'mlflow.db'}",
+        "artifact_location": str(folder / "mlartifacts"),
+        "experiment": "tests",
+    }
     raw["work_dir"] = str(folder / "work")
     for key, value in overrides.items():
         section, _, field = key.partition("__")

@@ -60,7 +60,10 @@ def test_missing_params_file_is_a_clear_error(tmp_path):
 
 def test_parse_overrides_reads_yaml_scalars():
     assert parse_overrides(["a.b=1e-4", "c=true", "d=[x, y]", "e=text"]) == {
-        "a.b": 1e-4, "c": True, "d": ["x", "y"], "e": "text"
+        "a.b": 1e-4,
+        "c": True,
+        "d": ["x", "y"],
+        "e": "text",
     }
     with pytest.raises(LLMOpsError, match="key=value"):
         parse_overrides(["finetune.learning_rate"])

@@ -7,18 +7,38 @@ from tasks.evaluate import EvalReport, ModelScores
 from tasks.gate import decide
 from tasks.quantize import QuantizeResult
 
-QUANT = QuantizeResult(model_dir=Path("q"), method="gptq", size_bytes=1, merged_size_bytes=4, perplexity=1.2,
-                       merged_perplexity=1.2)
+QUANT = QuantizeResult(
+    model_dir=Path("q"),
+    method="gptq",
+    size_bytes=1,
+    merged_size_bytes=4,
+    perplexity=1.2,
+    merged_perplexity=1.2,
+)
 
 
 def scores(em=0.9, rouge=0.9, eos=1.0, ppl=1.2, se=0.03) -> ModelScores:
-    return ModelScores(model="m", perplexity=ppl, exact_match=em, exact_match_se=se, rouge_l=rouge,
-                       rouge_l_se=se, bleu=em, eos_rate=eos, rows=100, samples=[])
+    return ModelScores(
+        model="m",
+        perplexity=ppl,
+        exact_match=em,
+        exact_match_se=se,
+        rouge_l=rouge,
+        rouge_l_se=se,
+        bleu=em,
+        eos_rate=eos,
+        rows=100,
+        samples=[],
+    )
 
 
 def report(candidate=None, champion=None, base=None) -> EvalReport:
-    return EvalReport(candidate=candidate or scores(), base=base or scores(em=0.0, rouge=0.1, ppl=30),
-                      champion=champion, report_file=Path("r.json"))
+    return EvalReport(
+        candidate=candidate or scores(),
+        base=base or scores(em=0.0, rouge=0.1, ppl=30),
+        champion=champion,
+        report_file=Path("r.json"),
+    )
 
 
 def failed(decision) -> set[str]:
@@ -47,8 +67,11 @@ def test_each_floor_rejects(candidate, failing):
 def test_candidate_must_beat_the_base():
     decision = decide(GateParams(min_exact_match=0.0), report(candidate=scores(em=0.5), base=scores(em=0.5)), QUANT)
     assert failed(decision) == {"exact_match vs base"}
-    assert decide(GateParams(require_better_than_base=False, min_exact_match=0.0),
-                  report(candidate=scores(em=0.5), base=scores(em=0.5)), QUANT).passed
+    assert decide(
+        GateParams(require_better_than_base=False, min_exact_match=0.0),
+        report(candidate=scores(em=0.5), base=scores(em=0.5)),
+        QUANT,
+    ).passed
 
 
 def test_quantization_loss_is_bounded():

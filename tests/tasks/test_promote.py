@@ -7,10 +7,19 @@ from tasks.gate import Check, GateDecision
 from tasks.promote import Lineage, promote
 
 PASS = GateDecision(passed=True, checks=[])
-REJECT = GateDecision(passed=False, checks=[
-    Check(name="exact_match", passed=False, candidate=0.1, reference=None, threshold=">= 0.3",
-          reason="exact_match 0.100 is below the floor 0.3")
-])
+REJECT = GateDecision(
+    passed=False,
+    checks=[
+        Check(
+            name="exact_match",
+            passed=False,
+            candidate=0.1,
+            reference=None,
+            threshold=">= 0.3",
+            reason="exact_match 0.100 is below the floor 0.3",
+        )
+    ],
+)
 
 
 @pytest.fixture
@@ -20,8 +29,14 @@ def promote_once(params, assets):
 
     def run(decision: GateDecision, dataset_hash: str = "d" * 32):
         run_id = client.create_run(experiment).info.run_id
-        lineage = Lineage(dataset_hash=dataset_hash, git_commit="abc123", params_hash="p" * 16,
-                          prefect_flow_run_id="flow-run", mlflow_run_id=run_id, reason="test")
+        lineage = Lineage(
+            dataset_hash=dataset_hash,
+            git_commit="abc123",
+            params_hash="p" * 16,
+            prefect_flow_run_id="flow-run",
+            mlflow_run_id=run_id,
+            reason="test",
+        )
         return promote(params.registry, params.tracking, decision, assets / "model", lineage)
 
     return run
@@ -37,8 +52,12 @@ def test_passing_candidate_becomes_champion_with_lineage(params, promote_once):
     assert promotion.alias == "champion" and champion(params) == promotion.version
     version = tracking.champion_version(params.tracking, params.registry)
     assert version.tags["lineage.dataset_hash"] == "f" * 32
-    assert {"lineage.git_commit", "lineage.params_hash", "lineage.prefect_flow_run_id",
-            "lineage.mlflow_run_id"} <= set(version.tags)
+    assert {
+        "lineage.git_commit",
+        "lineage.params_hash",
+        "lineage.prefect_flow_run_id",
+        "lineage.mlflow_run_id",
+    } <= set(version.tags)
 
 
 def test_registered_model_loads_back_through_mlflow_and_generates(params, promote_once):
@@ -46,8 +65,9 @@ def test_registered_model_loads_back_through_mlflow_and_generates(params, promot
     model = mlflow.pyfunc.load_model(f"models:/{params.registry.model_name}@champion")
     [completion] = model.predict(["What color is the tiger?"], params={"max_new_tokens": 4})
     assert isinstance(completion, str)
-    assert tracking.download_champion(params.tracking, params.registry, params.work_dir).joinpath(
-        "config.json").exists()
+    assert (
+        tracking.download_champion(params.tracking, params.registry, params.work_dir).joinpath("config.json").exists()
+    )
     assert promotion.version == "1"
 
 
@@ -56,10 +76,10 @@ def test_rejected_candidate_is_challenger_and_champion_stays(params, promote_onc
     rejected = promote_once(REJECT)
     assert rejected.alias == "challenger" and champion(params) == first.version
     client = tracking.client_for(params.tracking)
-    assert client.get_model_version_by_alias(params.registry.model_name, "challenger").version == int(
-        rejected.version)
-    assert "below the floor" in client.get_model_version(params.registry.model_name, rejected.version).tags[
-        "gate.reasons"]
+    assert client.get_model_version_by_alias(params.registry.model_name, "challenger").version == int(rejected.version)
+    assert (
+        "below the floor" in client.get_model_version(params.registry.model_name, rejected.version).tags["gate.reasons"]
+    )
 
 
 def test_rollback_walks_back_through_promotions_and_records_why(params, promote_once):
@@ -74,7 +94,11 @@ def test_rollback_walks_back_through_promotions_and_records_why(params, promote_
     status = tracking.describe_champion(params.tracking, params.registry)
     assert status["version"] == int(versions[0]) and status["reason"] == "still bad"
     assert [(e["event"], e["version"]) for e in status["history"]] == [
-        ("promote", "1"), ("promote", "2"), ("promote", "3"), ("rollback", "2"), ("rollback", "1")
+        ("promote", "1"),
+        ("promote", "2"),
+        ("promote", "3"),
+        ("rollback", "2"),
+        ("rollback", "1"),
     ]
 
 

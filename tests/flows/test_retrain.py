@@ -1,0 +1,119 @@
+"""The retrain flow end to end on real Prefect (test harness), real MLflow (SQLite) and real tiny models."""
+
+import pytest
+
+from flows.retrain import retrain
+from llmops import tracking
+from llmops.config import load_params
+from tasks.merge import MergeFidelityError
+from tasks.validate import InvalidData
+from tests.conftest import write_params
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def champion(params) -> str | None:
+    version = tracking.champion_version(params.tracking, params.registry)
+    return version and str(version.version)
+
+
+def runs_by_status(params) -> dict[str, int]:
+    client = tracking.client_for(params.tracking)
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    counts: dict[str, int] = {}
+    for run in client.search_runs([experiment.experiment_id]):
+        counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, assets):
+    """One project whose first run made a champion; later tests run against it in order."""
+    folder = tmp_path_factory.mktemp("project")
+    params_file = write_params(folder, assets)
+    first = retrain(params_file=str(params_file), reason="test")
+    return params_file, first
+
+
+def test_first_run_trains_every_stage_and_registers_a_champion(project):
+    params_file, first = project
+    params = load_params(params_file)
+    assert [t.name for t in first.stages] == [
+        "validate",
+        "finetune",
+        "merge",
+        "quantize",
+        "fetch_champion",
+        "evaluate",
+        "gate",
+        "promote",
+    ]
+    assert not any(t.cached for t in first.stages)
+    assert first.champion is None and first.decision.passed
+    assert first.candidate.exact_match > 0.5 > first.decision.checks[3].reference  # fine-tune beat the base
+    assert first.promotion.alias == "champion" and champion(params) == first.promotion.version
+
+    client = tracking.client_for(params.tracking)
+    run = client.get_run(first.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["finetune.lora.r"] == str(params.finetune.lora.r)
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) > 10
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"params.json", "gate_report.md", "stages"} <= artifacts
+    version = tracking.champion_version(params.tracking, params.registry)
+    assert version.run_id == run.info.run_id
+    assert version.tags["lineage.mlflow_run_id"] == run.info.run_id
+    assert version.tags["lineage.params_hash"] == params.digest()
+
+
+def test_unchanged_rerun_is_cached_and_gated_against_the_champion(project):
+    params_file, first = project
+    second = retrain(params_file=str(params_file), reason="test")
+    cached = {t.name for t in second.stages if t.cached}
+    assert cached == {"finetune", "merge", "quantize"}
+    # The champion was fetched from the registry and scored: the same model, so the same numbers.
+    assert second.champion is not None
+    assert second.champion.exact_match == pytest.approx(first.candidate.exact_match)
+    assert any(c.name == "exact_match vs champion" for c in second.decision.checks)
+    assert int(second.promotion.version) == int(first.promotion.version) + 1
+
+
+def test_a_changed_stage_param_reruns_that_stage_and_everything_after(project):
+    params_file, _ = project
+    third = retrain(params_file=str(params_file), overrides={"merge.check_prompts": 3}, reason="test")
+    assert {t.name: t.cached for t in third.stages if t.name in ("finetune", "merge", "quantize")} == {
+        "finetune": True,
+        "merge": False,
+        "quantize": False,
+    }
+
+
+def test_a_rejected_candidate_becomes_challenger_and_champion_stays(project):
+    params_file, _ = project
+    params = load_params(params_file)
+    before = champion(params)
+    rejected = retrain(params_file=str(params_file), overrides={"gate.min_exact_match": 1.0}, reason="test")
+    assert not rejected.decision.passed and rejected.promotion.alias == "challenger"
+    assert champion(params) == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"data.train": "{eval_file}"}, None),  # placeholder replaced below by a malformed file
+        ({"merge.tolerance": 1e-12}, MergeFidelityError),
+    ],
+    ids=["invalid-data", "crashed-stage"],
+)
+def test_a_failed_run_leaves_the_champion_and_is_marked_failed(project, tmp_path, overrides, error):
+    params_file, _ = project
+    params = load_params(params_file)
+    if error is None:
+        bad = tmp_path / "train.jsonl"
+        bad.write_text('{"prompt": "What color is the tiger?", "response": "brown"}\n{oops\n')
+        overrides, error = {"data.train": str(bad)}, InvalidData
+    before, failed_before = champion(params), runs_by_status(params).get("FAILED", 0)
+    with pytest.raises(error):
+        retrain(params_file=str(params_file), overrides=overrides, reason="test")
+    assert champion(params) == before
+    assert runs_by_status(params)["FAILED"] == failed_before + 1

@@ -1,0 +1,66 @@
+"""The `llmops` command: exit codes, one-paragraph errors, JSON on the last line."""
+
+import json
+
+import pytest
+
+from llmops.cli import main
+from tests.conftest import write_params
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_validate_accepts_good_data(assets, capsys):
+    assert main(["validate", "--data", str(assets / "data" / "train.jsonl"), "--json"]) == 0
+    report = last_json(capsys)
+    assert report["ok"] and report["rows"] > 100 and report["problems"] == []
+
+
+def test_validate_rejects_bad_data_with_row_numbers(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    assert main(["validate", "--data", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "line 2: missing or non-string field(s): response" in out
+
+
+def test_validate_of_a_missing_file_is_bad_input(tmp_path, capsys):
+    assert main(["validate", "--data", str(tmp_path / "absent.jsonl"), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert "not found" in captured.err and "Traceback" not in captured.err
+    assert json.loads(captured.out.splitlines()[-1]) == {
+        "ok": False,
+        "exit_code": 2,
+        "error": captured.err.removeprefix("error: ").strip(),
+    }
+
+
+@pytest.mark.parametrize("setting", ["finetune.learning_rate=fast", "finetune.nope=1", "finetune.learning_rate"])
+def test_run_with_bad_overrides_exits_2_before_anything_starts(params_file, capsys, setting):
+    assert main(["--params", str(params_file), "run", "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_run_with_missing_params_file_exits_2(tmp_path, capsys):
+    assert main(["--params", str(tmp_path / "none.yaml"), "run"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_with_a_missing_base_model_exits_2_with_one_paragraph(params_file, capsys):
+    code = main(["--params", str(params_file), "run", "--set", "model.base=/no/such/model", "--json"])
+    assert code == 2
+    result = last_json(capsys)
+    assert result["ok"] is False and "Model folder /no/such/model does not exist" in result["error"]
+
+
+def test_status_and_rollback_without_a_champion(tmp_path, assets, capsys):
+    params_file = write_params(tmp_path, assets)
+    assert main(["--params", str(params_file), "status", "--json"]) == 0
+    assert last_json(capsys) == {"ok": True, "champion": None}
+    assert main(["--params", str(params_file), "rollback"]) == 2
+    assert "no previous champion" in capsys.readouterr().err
