@@ -275,4 +275,3 @@ def describe_champion(tracking: TrackingParams, registry: RegistryParams) -> dic
         "reason": champion.tags.get(f"{CHAMPION}_reason", ""),
         "history": champion_history(client, registry.model_name),
     }
-
