@@ -56,7 +56,21 @@ def retrain(
     tags = {"prefect_flow_run_id": flow_run_id, "reason": reason, "git_commit": tracking.git_commit(root)}
 
     with tracking.TrackedRun(params, run_name=runtime.flow_run.name, tags=tags) as run:
-        data = run.stage("validate", validate_task, params.validate_, params.data.train, params.data.eval)
+        validation = run.stage(
+            "validate",
+            validate_task,
+            params.validate_,
+            params.model.base,
+            params.finetune.max_seq_len,
+            params.data.train,
+            params.data.eval,
+        )
+        run.log_text(validation.to_markdown(), "data_validation.md")
+        create_markdown_artifact(validation.to_markdown(), key="data-validation", description="Data validation")
+        data = validation.require_valid()  # bad data stops the run here, before anything trains
+        run.set_tags(data.lineage_tags())
+        if data.dvc_file:
+            run.log_file(data.dvc_file, "dataset.dvc")  # with it, `dvc pull` restores this exact data
         adapter = run.stage(
             "finetune", finetune_task, params.finetune, params.model.base, data, out=run_dir / "finetune"
         )

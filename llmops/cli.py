@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.config import DEFAULT_PARAMS, Params, load_params, parse_overrides
+from llmops.data import dvc_root, track
 from llmops.errors import LLMOpsError
 
 log = logging.getLogger("llmops")
@@ -83,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--reason", default="manual", help="why this run happens (recorded as lineage)")
     validate = command("validate", cmd_validate, "check a JSONL dataset file; exit 1 if it is invalid")
     validate.add_argument("--data", type=Path, required=True, help="the JSONL file to check")
+    validate.add_argument("--against", type=Path, help="an eval split to check the file's prompts for leakage into")
+    ingest = command("ingest", cmd_ingest, "validate new rows, fold them into the training set, version it")
+    ingest.add_argument("--data", type=Path, required=True, help="JSONL file of new rows")
+    ingest.add_argument("--mode", choices=["append", "replace"], default="append")
+    lineage = command("lineage", cmd_lineage, "where a registered version came from")
+    lineage.add_argument("version", help="registered model version number")
     command("status", cmd_status, "show the current champion")
     rollback = command("rollback", cmd_rollback, "move champion back to the previous champion")
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the champion history")
@@ -105,11 +112,14 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         print(f"built base model: {model_dir}")
     else:
         print(f"base model present: {model_dir}")
+    data_dir = params.data.train.parent
     if args.force or not (params.data.train.exists() and params.data.eval.exists()):
-        build_demo_dataset(params.bootstrap, params.data.train.parent)
-        print(f"built demo dataset: {params.data.train.parent}")
+        build_demo_dataset(params.bootstrap, data_dir)
+        print(f"built demo dataset: {data_dir}")
     else:
-        print(f"demo dataset present: {params.data.train.parent}")
+        print(f"demo dataset present: {data_dir}")
+    if dvc_root(data_dir):
+        print(f"demo dataset versioned with DVC: {track(data_dir)}")
     return 0
 
 
@@ -149,24 +159,63 @@ def _print_summary(summary: Any, params: Params) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from llmops.config import ValidateParams
     from tasks.validate import check_split
 
-    params = load_params(args.params) if args.params.exists() else None
-    rows, problems = check_split(params.validate_ if params else ValidateParams(), args.data)
-    report = {
-        "ok": not problems,
-        "file": str(args.data),
-        "rows": rows,
-        "problems": [str(p) for p in problems],
-    }
+    params = load_params(args.params)
+    report = check_split(params.validate_, params.model.base, params.finetune.max_seq_len, args.data, args.against)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps({"ok": report.ok, "problems": report.problems(), **report.model_dump(mode="json")}))
     else:
-        print(f"{args.data}: {rows} usable rows, {len(problems)} problem(s)")
-        for problem in problems[:20]:
-            print(f"  {problem}")
-    return 0 if not problems else 1
+        print(f"{args.data}: {report.rows} rows, {'valid' if report.ok else 'INVALID'}")
+        for problem in report.problems():
+            print(f"  - {problem}")
+    return 0 if report.ok else 1
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from tasks.ingest import ingest_dataset
+
+    params = load_params(args.params)
+    result = ingest_dataset(
+        params.validate_,
+        params.model.base,
+        params.finetune.max_seq_len,
+        args.data,
+        params.data.train,
+        params.data.eval,
+        args.mode,
+    )
+    if args.json:
+        print(json.dumps({"ok": True, **result.model_dump(mode="json")}))
+    else:
+        print(f"{result.dataset}: {args.mode} {args.data} -> {result.rows_before} -> {result.rows_after} training rows")
+        print(f"  version {result.previous_version} -> {result.version} (dvc add + push done)")
+        print("  commit the updated .dvc file, then `llmops run` retrains on it")
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from llmops import tracking
+
+    params = load_params(args.params)
+    lineage = tracking.describe_version(params.tracking, params.registry, args.version)
+    if args.json:
+        print(json.dumps({"ok": True, **lineage}, default=str))
+        return 0
+    print(f"{lineage['model']} version {lineage['version']} {lineage['aliases'] or ''}")
+    for key in ("version", "train", "train_rows", "eval", "eval_rows", "dvc_file", "validation"):
+        print(f"  dataset {key:<11} {lineage['dataset'].get(key, '')}")
+    print(f"  git commit        {lineage['git_commit']}")
+    print(f"  params hash       {lineage['params_hash']}  (full params: MLflow run artifact params.json)")
+    gate = lineage["gate"]
+    print(f"  gate              {'passed' if gate and gate['passed'] else 'rejected'}")
+    print(f"  prefect flow run  {lineage['prefect_flow_run_id']}")
+    print(f"  mlflow run        {lineage['mlflow_run_id']}  (reason: {lineage['reason']})")
+    if lineage["restore_data"]:
+        print("  get this exact data back:")
+        for line in lineage["restore_data"]:
+            print(f"    {line}")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -59,7 +59,20 @@ class BootstrapParams(Section):
 
 
 class ValidateParams(Section):
-    min_rows: int = Field(10, ge=1, description="Fewest usable rows a split may have.")
+    """Data-quality thresholds of the Great Expectations suite (token counts use the base model's tokenizer)."""
+
+    min_rows: int = Field(10, ge=1, description="Fewest rows a split may have.")
+    max_line_bytes: int = Field(1_000_000, ge=100, description="Longer lines are rejected without being read.")
+    min_response_chars: int = Field(2, ge=1, description="Shortest acceptable response, in characters.")
+    max_prompt_tokens: int = Field(2048, ge=1, description="Longest acceptable prompt, in tokens.")
+    max_response_tokens: int = Field(2048, ge=1, description="Longest acceptable response, in tokens.")
+    max_truncated_ratio: float = Field(
+        0.0, ge=0, le=1, description="Share of rows whose EOS may be cut off by finetune.max_seq_len."
+    )
+    max_duplicate_ratio: float = Field(0.01, ge=0, le=1, description="Share of rows that may repeat an earlier row.")
+    max_leakage_ratio: float = Field(
+        0.0, ge=0, le=1, description="Share of training prompts that may also appear in the eval split."
+    )
 
 
 class LoraParams(Section):

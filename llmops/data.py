@@ -1,13 +1,28 @@
-"""The instruction dataset: JSONL rows of `{"prompt": ..., "response": ...}`, and its content hash."""
+"""The instruction dataset: JSONL rows of `{"prompt": ..., "response": ...}`, and its content hash.
+
+Parsing is structural only (is each line a JSON object with string fields?) and never loads more than one
+line at a time, so a multi-gigabyte or binary file is reported on, not read into memory. What the rows
+say is judged by the Great Expectations suite in `tasks/validate.py`.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from llmops.errors import LLMOpsError
+
+FIELDS = ("prompt", "response")
 
 
 @dataclass(frozen=True)
@@ -18,56 +33,79 @@ class Example:
 
 @dataclass(frozen=True)
 class RowProblem:
-    line: int
+    line: int  # 0 for a problem of the whole file
     problem: str
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.problem}"
+        return f"line {self.line}: {self.problem}" if self.line else self.problem
 
 
-def parse_jsonl(path: Path) -> tuple[list[Example], list[RowProblem]]:
-    """Read every row, collecting what is wrong with each instead of stopping at the first problem.
+def parse_jsonl(path: Path, max_line_bytes: int = 1_000_000) -> tuple[list[tuple[int, Example]], list[RowProblem]]:
+    """Read every row with its line number, collecting what is structurally wrong instead of stopping.
 
     Raises:
         LLMOpsError: the file does not exist or is not a regular file.
     """
     if not path.is_file():
-        raise LLMOpsError(f"Dataset file {path} not found. Check data.train / data.eval in params.yaml.")
-    examples: list[Example] = []
+        raise LLMOpsError(f"Dataset file {path} not found. Check the path (data.train / data.eval in params.yaml).")
+    with path.open("rb") as handle:
+        head = handle.read(8192)
+    if not head.strip():
+        return [], [RowProblem(0, "the file is empty")]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return [], [RowProblem(0, "the file is UTF-16 encoded; save it as UTF-8")]
+    if b"\x00" in head:
+        return [], [RowProblem(0, "the file is binary, not JSON Lines text")]
+    if head.lstrip().startswith(b"["):
+        return [], [
+            RowProblem(
+                0,
+                "the file is one JSON array; JSON Lines needs one object per line (convert it with: jq -c '.[]' FILE)",
+            )
+        ]
+    rows: list[tuple[int, Example]] = []
     problems: list[RowProblem] = []
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
+        number = 0
+        while raw := handle.readline(max_line_bytes + 1):
+            number += 1
+            if len(raw) > max_line_bytes:
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the over-long line unread
+                    raw = handle.readline(max_line_bytes)
+                problems.append(RowProblem(number, f"longer than validate.max_line_bytes={max_line_bytes}"))
                 continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                problems.append(RowProblem(number, "not valid UTF-8"))
-                continue
-            except json.JSONDecodeError as exc:
-                problems.append(RowProblem(number, f"not valid JSON ({exc.msg})"))
-                continue
-            if not isinstance(row, dict):
-                problems.append(RowProblem(number, f"expected a JSON object, got {type(row).__name__}"))
-                continue
-            missing = [key for key in ("prompt", "response") if not isinstance(row.get(key), str)]
-            if missing:
-                problems.append(RowProblem(number, f"missing or non-string field(s): {', '.join(missing)}"))
-                continue
-            blank = [key for key in ("prompt", "response") if not row[key].strip()]
-            if blank:
-                problems.append(RowProblem(number, f"blank field(s): {', '.join(blank)}"))
-                continue
-            examples.append(Example(prompt=row["prompt"], response=row["response"]))
-    return examples, problems
+            if raw.strip():
+                row, problem = _parse_line(raw, truncated=not raw.endswith(b"\n"))
+                rows.extend([(number, row)] if row else [])
+                problems.extend([RowProblem(number, problem)] if problem else [])
+    return rows, problems
+
+
+def _parse_line(raw: bytes, truncated: bool) -> tuple[Example | None, str | None]:
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not valid UTF-8"
+    except json.JSONDecodeError as exc:
+        hint = " (the file looks truncated)" if truncated else ""
+        return None, f"not valid JSON ({exc.msg}){hint}"
+    if not isinstance(row, dict):
+        return None, f"expected a JSON object, got {type(row).__name__}"
+    missing = [key for key in FIELDS if row.get(key) is None]
+    if missing:
+        return None, f"missing field(s): {', '.join(missing)}"
+    wrong = [f"{key} is {type(row[key]).__name__}" for key in FIELDS if not isinstance(row[key], str)]
+    if wrong:
+        return None, f"fields must be strings ({', '.join(wrong)})"
+    return Example(prompt=row["prompt"], response=row["response"]), None
 
 
 def read_examples(path: Path) -> list[Example]:
     """Read a dataset that is known to be valid (it passed the validate stage)."""
-    examples, problems = parse_jsonl(path)
+    rows, problems = parse_jsonl(path)
     if problems:
         raise LLMOpsError(f"{path} has malformed rows ({problems[0]}); run `llmops validate --data {path}`.")
-    return examples
+    return [example for _, example in rows]
 
 
 def file_md5(path: Path) -> str:
@@ -84,3 +122,68 @@ def write_jsonl(path: Path, examples: list[Example]) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for example in examples:
             handle.write(json.dumps({"prompt": example.prompt, "response": example.response}) + "\n")
+
+
+# --- Versioning with DVC: the only place that calls it. -------------------------------------------------
+
+
+def dvc_root(path: Path) -> Path | None:
+    """The DVC repository containing `path`, or None when it is not inside one."""
+    for folder in [path.resolve(), *path.resolve().parents]:
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def tracked_version(path: Path) -> tuple[Path, str] | None:
+    """The `.dvc` file tracking `path` (the file itself or a folder above it) and the hash it records."""
+    root = dvc_root(path)
+    for candidate in [path.resolve(), *path.resolve().parents]:
+        if root is None or candidate == root:
+            return None
+        dvc_file = candidate.with_name(candidate.name + ".dvc")
+        if dvc_file.is_file():
+            [out] = yaml.safe_load(dvc_file.read_text())["outs"]
+            return dvc_file, out["md5"]
+    return None
+
+
+@contextmanager
+def dvc_lock(root: Path) -> Iterator[None]:
+    """Serialize DVC commands: two cannot run in one workspace (DVC's own lock would fail the second)."""
+    lock_path = root / ".dvc" / "tmp" / "llmops.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_dvc(root: Path, *args: str) -> str:
+    """Run one DVC command in `root` (under the lock); a failure becomes an LLMOpsError with DVC's message."""
+    with dvc_lock(root):
+        done = subprocess.run(
+            [sys.executable, "-m", "dvc", *args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+        )
+    if done.returncode:
+        raise LLMOpsError(f"`dvc {' '.join(args)}` failed in {root}: {(done.stderr or done.stdout).strip()}")
+    return done.stdout
+
+
+def track(folder: Path, push: bool = True) -> str:
+    """`dvc add` a dataset folder (and push it to the default remote); returns the version hash."""
+    root = dvc_root(folder)
+    if root is None:
+        raise LLMOpsError(f"{folder} is not inside a DVC repository; run `dvc init` in the project first.")
+    target = str(folder.resolve().relative_to(root))
+    run_dvc(root, "add", target)
+    if push:
+        run_dvc(root, "push", f"{target}.dvc")
+    _, version = tracked_version(folder)
+    return version

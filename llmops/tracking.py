@@ -125,6 +125,13 @@ class TrackedRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_file(self, path: Path, artifact_file: str) -> None:
+        self.log_text(path.read_text(), artifact_file)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
@@ -274,4 +281,45 @@ def describe_champion(tracking: TrackingParams, registry: RegistryParams) -> dic
         "lineage": {k: v for k, v in champion.tags.items() if k.startswith("lineage.")},
         "reason": champion.tags.get(f"{CHAMPION}_reason", ""),
         "history": champion_history(client, registry.model_name),
+    }
+
+
+def describe_version(tracking: TrackingParams, registry: RegistryParams, version: str) -> dict[str, Any]:
+    """What `llmops lineage` shows: where a registered version came from, and how to get its data back."""
+    client = client_for(tracking)
+    try:
+        mv = client.get_model_version(registry.model_name, version)
+    except MlflowException:
+        raise LLMOpsError(
+            f"Registered model {registry.model_name!r} has no version {version}; "
+            "`llmops status` lists the champion and its history."
+        ) from None
+    run = client.get_run(mv.run_id)
+    artifacts = {a.path for a in client.list_artifacts(mv.run_id)}
+    params = json.loads(Path(client.download_artifacts(mv.run_id, "params.json")).read_text())
+    decision = None
+    if "stages/gate.json" in {a.path for a in client.list_artifacts(mv.run_id, "stages")}:
+        decision = json.loads(Path(client.download_artifacts(mv.run_id, "stages/gate.json")).read_text())
+    dvc_file = run.data.tags.get("dataset.dvc_file", "")
+    commit = mv.tags.get("lineage.git_commit", "unknown")
+    restore = []
+    if "dataset.dvc" in artifacts and dvc_file:
+        restore = [
+            f"mlflow artifacts download -u runs:/{mv.run_id}/dataset.dvc -d /tmp/llmops-lineage",
+            f"cp /tmp/llmops-lineage/dataset.dvc {dvc_file}",
+            f"dvc pull {dvc_file}",
+        ]
+    return {
+        "model": registry.model_name,
+        "version": str(mv.version),
+        "aliases": list(mv.aliases),
+        "dataset": {k.removeprefix("dataset."): v for k, v in run.data.tags.items() if k.startswith("dataset.")},
+        "restore_data": restore,
+        "git_commit": commit,
+        "params_hash": mv.tags.get("lineage.params_hash"),
+        "params": params,
+        "gate": decision,
+        "prefect_flow_run_id": mv.tags.get("lineage.prefect_flow_run_id"),
+        "mlflow_run_id": mv.run_id,
+        "reason": mv.tags.get("lineage.reason"),
     }

@@ -82,7 +82,10 @@ class DemoDataset:
 
 
 def build_demo_dataset(params: BootstrapParams, out: Path) -> DemoDataset:
-    """Write every (question, entity) pair once, split at random: eval pairs never appear in train."""
+    """Write every (question, entity) pair once, split at random: eval pairs never appear in train.
+
+    Deterministic for a seed, so every clone builds the exact dataset that `data/demo.dvc` records.
+    """
     facts = world(params.seed)
     rows = [
         Example(prompt=question.format(entity=entity), response=facts[entity][attribute])
@@ -94,8 +97,7 @@ def build_demo_dataset(params: BootstrapParams, out: Path) -> DemoDataset:
     held_out = round(len(rows) * params.eval_fraction)
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / "train.jsonl", rows[held_out:])
-        write_jsonl(tmp / "eval.jsonl", rows[:held_out])
-        write_stage_metadata(tmp, "bootstrap-data", params, rows={"train": len(rows) - held_out, "eval": held_out})
+        write_jsonl(tmp / "eval.jsonl", rows[:held_out])  # data only: DVC versions this folder byte for byte
     return DemoDataset(train=out / "train.jsonl", eval=out / "eval.jsonl")
 
 

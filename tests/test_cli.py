@@ -23,7 +23,7 @@ def test_validate_rejects_bad_data_with_row_numbers(tmp_path, capsys):
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     assert main(["validate", "--data", str(bad)]) == 1
     out = capsys.readouterr().out
-    assert "line 2: missing or non-string field(s): response" in out
+    assert "line 2: missing field(s): response" in out
 
 
 def test_validate_of_a_missing_file_is_bad_input(tmp_path, capsys):

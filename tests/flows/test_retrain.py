@@ -1,5 +1,7 @@
 """The retrain flow end to end on real Prefect (test harness), real MLflow (SQLite) and real tiny models."""
 
+from pathlib import Path
+
 import pytest
 
 from flows.retrain import retrain
@@ -117,3 +119,10 @@ def test_a_failed_run_leaves_the_champion_and_is_marked_failed(project, tmp_path
         retrain(params_file=str(params_file), overrides=overrides, reason="test")
     assert champion(params) == before
     assert runs_by_status(params)["FAILED"] == failed_before + 1
+    if error is InvalidData:  # the validation report is kept with the failed run
+        client = tracking.client_for(params.tracking)
+        experiment = client.get_experiment_by_name(params.tracking.experiment)
+        [failed] = client.search_runs([experiment.experiment_id], "attributes.status = 'FAILED'", max_results=1)
+        assert failed.data.tags["failed_stage"] == "validate"
+        report = client.download_artifacts(failed.info.run_id, "data_validation.md")
+        assert "not valid JSON" in Path(report).read_text()

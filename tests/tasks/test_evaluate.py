@@ -22,7 +22,9 @@ def test_scores_follow_the_generations(assets):
 
 
 def test_report_covers_candidate_base_and_champion(assets, tmp_path):
-    data = validate_dataset(ValidateParams(), assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl")
+    data = validate_dataset(
+        ValidateParams(), str(assets / "model"), 64, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
+    ).require_valid()
     params = EvaluateParams(max_samples=8, max_new_tokens=4)
     report = evaluate_models(params, assets / "model", str(assets / "model"), None, data, tmp_path / "eval")
     assert report.champion is None and report.candidate.rows == 8

@@ -13,7 +13,9 @@ from tasks.validate import validate_dataset
 
 @pytest.fixture(scope="module")
 def data(assets):
-    return validate_dataset(ValidateParams(), assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl")
+    return validate_dataset(
+        ValidateParams(), str(assets / "model"), 64, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
+    ).require_valid()
 
 
 def test_lora_training_lowers_the_loss_and_saves_a_loadable_adapter(assets, data, tmp_path):

@@ -10,7 +10,9 @@ from tasks.validate import validate_dataset
 
 @pytest.fixture(scope="module")
 def trained(assets, tmp_path_factory):
-    data = validate_dataset(ValidateParams(), assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl")
+    data = validate_dataset(
+        ValidateParams(), str(assets / "model"), 64, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
+    ).require_valid()
     adapter = finetune(FinetuneParams(epochs=1), str(assets / "model"), data, tmp_path_factory.mktemp("ft") / "ft")
     return data, adapter
 

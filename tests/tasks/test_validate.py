@@ -5,47 +5,67 @@ import pytest
 from llmops.config import ValidateParams
 from llmops.data import file_md5
 from llmops.errors import LLMOpsError
-from tasks.validate import InvalidData, validate_dataset
+from tasks.validate import InvalidData, check_split, validate_dataset
+from tests.data.bad_datasets import BAD_DATASETS, GOOD_ROWS, jsonl
 
-GOOD = "".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(12))
+PARAMS = ValidateParams(max_line_bytes=1000)
+MAX_SEQ_LEN = 64
 
 
-def test_good_data_is_pinned_to_its_content(assets):
+def test_demo_data_passes_and_is_pinned_to_its_content(assets):
     train, eval_ = assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
-    ref = validate_dataset(ValidateParams(), train, eval_)
+    report = validate_dataset(ValidateParams(), str(assets / "model"), MAX_SEQ_LEN, train, eval_)
+    assert report.ok, report.to_markdown()
+    ref = report.require_valid()
     assert ref.train_rows == len(train.read_text().splitlines())
-    assert ref.train_md5 == file_md5(train)
-    assert ref.digest.startswith(ref.train_md5[:16])
+    assert ref.train_md5 == file_md5(train) and ref.digest.startswith(ref.train_md5[:16])
 
 
-@pytest.mark.parametrize(
-    ("bad_line", "reason"),
-    [
-        (b"not json at all", "line 13: not valid JSON"),
-        (b'["a", "list"]', "line 13: expected a JSON object"),
-        (b'{"prompt": "only a prompt"}', "line 13: missing or non-string field.*response"),
-        (b'{"prompt": "q", "response": 7}', "line 13: missing or non-string field.*response"),
-        (b'{"prompt": "   ", "response": "a"}', "line 13: blank field.*prompt"),
-        (b'{"prompt": "caf\xe9", "response": "a"}', "line 13: not valid UTF-8"),
-        (b'{"prompt": "truncated', "line 13: not valid JSON"),
-    ],
-)
-def test_each_malformed_row_is_rejected_with_its_line(tmp_path, bad_line, reason):
-    train = tmp_path / "train.jsonl"
-    train.write_bytes(GOOD.encode() + bad_line + b"\n")
-    (tmp_path / "eval.jsonl").write_text(GOOD)
-    with pytest.raises(InvalidData, match=reason) as caught:
-        validate_dataset(ValidateParams(), train, tmp_path / "eval.jsonl")
-    assert list(caught.value.problems) == [train]
+def test_good_corpus_rows_pass(tmp_path, assets):
+    path = tmp_path / "good.jsonl"
+    path.write_bytes(jsonl(GOOD_ROWS))
+    assert check_split(PARAMS, str(assets / "model"), MAX_SEQ_LEN, path).ok
 
 
-def test_too_few_rows_is_rejected(tmp_path):
-    (tmp_path / "train.jsonl").write_text(GOOD)
-    (tmp_path / "eval.jsonl").write_text("")
-    with pytest.raises(InvalidData, match="0 usable rows"):
-        validate_dataset(ValidateParams(), tmp_path / "train.jsonl", tmp_path / "eval.jsonl")
+@pytest.mark.parametrize("kind", list(BAD_DATASETS))
+def test_each_kind_of_bad_data_is_rejected_for_its_reason(tmp_path, assets, kind):
+    content, reason = BAD_DATASETS[kind]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    report = check_split(PARAMS, str(assets / "model"), MAX_SEQ_LEN, path)
+    assert not report.ok
+    assert any(reason in problem for problem in report.problems()), report.problems()
 
 
-def test_missing_file_is_a_user_error(tmp_path):
+def test_failures_name_the_offending_lines(tmp_path, assets):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl([*GOOD_ROWS[:5], {"prompt": "Say hi", "response": "Say hi"}, *GOOD_ROWS[5:]]))
+    [failure] = check_split(PARAMS, str(assets / "model"), MAX_SEQ_LEN, path).failures
+    assert failure.unexpected_rows == 1 and failure.example_lines == [6]
+
+
+def test_train_prompts_leaking_into_eval_are_caught(tmp_path, assets):
+    train, eval_ = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_bytes(jsonl(GOOD_ROWS))
+    eval_.write_bytes(
+        jsonl(GOOD_ROWS[:2] + [{"prompt": f"Name the color of the item {i}.", "response": "red"} for i in range(10)])
+    )
+    report = validate_dataset(PARAMS, str(assets / "model"), MAX_SEQ_LEN, train, eval_)
+    [failure] = report.splits[0].failures
+    assert "leakage" in failure.problem and failure.unexpected_rows == 2
+    with pytest.raises(InvalidData, match="leakage"):
+        report.require_valid()
+    assert json.loads(report.model_dump_json())["splits"][0]["failures"][0]["example_lines"] == [1, 2]
+
+
+def test_thresholds_come_from_params(tmp_path, assets):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(BAD_DATASETS["duplicated rows"][0])  # 3 duplicates in 15 rows
+    assert not check_split(PARAMS, str(assets / "model"), MAX_SEQ_LEN, path).ok
+    tolerant = PARAMS.model_copy(update={"max_duplicate_ratio": 0.25})
+    assert check_split(tolerant, str(assets / "model"), MAX_SEQ_LEN, path).ok
+
+
+def test_missing_file_is_a_user_error(tmp_path, assets):
     with pytest.raises(LLMOpsError, match="not found"):
-        validate_dataset(ValidateParams(), tmp_path / "absent.jsonl", tmp_path / "absent.jsonl")
+        check_split(PARAMS, str(assets / "model"), MAX_SEQ_LEN, tmp_path / "absent.jsonl")

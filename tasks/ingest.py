@@ -1,0 +1,93 @@
+"""Fold new rows into the training set, only if they pass validation, and version the result with DVC.
+
+Order matters for safety: the new file and the combined candidate are validated before anything is
+touched; the candidate is written beside the dataset and swapped in with an atomic rename; only then is
+it `dvc add`-ed and pushed. Bad data never replaces the dataset, and a crash at any point leaves the
+previous version intact (on disk, or in the DVC cache it was pushed to).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from llmops.config import ValidateParams
+from llmops.data import dvc_root, track, tracked_version
+from llmops.errors import LLMOpsError
+from tasks.validate import DataReport, InvalidData, check_split
+
+
+class IngestResult(BaseModel, frozen=True):
+    dataset: Path
+    mode: str
+    rows_before: int
+    rows_after: int
+    previous_version: str | None
+    version: str
+
+
+def ingest_dataset(
+    params: ValidateParams,
+    base_model: str,
+    max_seq_len: int,
+    new: Path,
+    train: Path,
+    eval: Path,
+    mode: Literal["append", "replace"],
+) -> IngestResult:
+    """Validate `new`, append it to (or replace) `train`, and `dvc add` + push the dataset folder.
+
+    Raises:
+        InvalidData: the new rows, or the training set they would make, fail validation (nothing changed).
+        LLMOpsError: the dataset is not inside a DVC repository, or a DVC command failed (dataset restored).
+    """
+    if dvc_root(train) is None:
+        raise LLMOpsError(
+            f"{train} is not inside a DVC repository, so an ingest could not be versioned. "
+            "Run `dvc init` in the project (it is already one on a fresh clone of this repo)."
+        )
+    incoming = check_split(params, base_model, max_seq_len, new, other=eval)
+    if not incoming.ok:
+        raise InvalidData(DataReport(splits=[incoming]))
+    before = check_split(params, base_model, max_seq_len, train).rows if train.exists() else 0
+    previous = tracked_version(train)
+
+    fd, name = tempfile.mkstemp(prefix=".ingest-", suffix=".jsonl", dir=train.parent.parent)
+    candidate = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if mode == "append" and train.exists():
+                existing = train.read_bytes()
+                out.write(existing if existing.endswith(b"\n") or not existing else existing + b"\n")
+            out.write(new.read_bytes())
+        combined = check_split(params, base_model, max_seq_len, candidate, other=eval)
+        if not combined.ok:  # e.g. the new rows duplicate existing ones
+            raise InvalidData(DataReport(splits=[combined.model_copy(update={"path": train})]))
+        # A hard link keeps the old file reachable without a moment where `train` is missing; it lives
+        # outside the tracked folder so `dvc add` never versions it.
+        backup = candidate.with_suffix(".before")
+        if train.exists():
+            os.link(train, backup)
+        os.replace(candidate, train)  # atomic: readers see the old file or the new one, never half of one
+        try:
+            version = track(train.parent)
+        except BaseException:
+            if backup.exists():
+                os.replace(backup, train)
+            raise
+        backup.unlink(missing_ok=True)
+    finally:
+        candidate.unlink(missing_ok=True)
+        candidate.with_suffix(".before").unlink(missing_ok=True)
+    return IngestResult(
+        dataset=train.parent,
+        mode=mode,
+        rows_before=before,
+        rows_after=combined.rows,
+        previous_version=previous[1] if previous else None,
+        version=version,
+    )
