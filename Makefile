@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test test-quick lint mlflow-ui clean
+.PHONY: setup demo test test-quick lint mlflow-ui clean repro
 
 setup: $(INSTALLED)
 
@@ -33,3 +33,7 @@ mlflow-ui: setup
 
 clean:
 	rm -rf work mlflow.db mlartifacts
+
+repro: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/llmops bootstrap
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

@@ -271,3 +271,13 @@ def _resolve(params: Params, root: Path) -> Params:
             "work_dir": anchored(params.work_dir),
         }
     )
+
+
+def dvc_stage_args(stage: str) -> tuple[Params, Path]:
+    """For a stage's `main()` run by `dvc repro`: the params (from --params) and the stage's output folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=f"The {stage} stage of the retrain pipeline (see dvc.yaml).")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    params = load_params(parser.parse_args().params)
+    return params, params.work_dir / "dvc" / stage

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -45,3 +45,16 @@ def write_stage_metadata(folder: Path, stage: str, params: BaseModel, **facts: A
         folder / "llmops_metadata.json",
         {"stage": stage, "created_at": datetime.now(UTC).isoformat(timespec="seconds"), **facts},
     )
+
+
+RESULT_FILE = "llmops_result.json"
+ResultT = TypeVar("ResultT", bound=BaseModel)
+
+
+def save_result(result: BaseModel, folder: Path) -> None:
+    """Write a stage's result beside its outputs, so a later stage run as its own process can read it."""
+    write_json(folder / RESULT_FILE, result.model_dump(mode="json"))
+
+
+def load_result(kind: type[ResultT], folder: Path) -> ResultT:
+    return kind.model_validate_json((folder / RESULT_FILE).read_text())

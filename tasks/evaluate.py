@@ -11,11 +11,12 @@ import sacrebleu
 from pydantic import BaseModel
 from rouge_score import rouge_scorer
 
-from llmops.config import EvaluateParams
+from llmops.config import EvaluateParams, dvc_stage_args
 from llmops.data import Example, read_examples
-from llmops.files import atomic_dir, write_json, write_stage_metadata
+from llmops.files import atomic_dir, load_result, save_result, write_json, write_stage_metadata
 from llmops.modeling import EVAL_MAX_SEQ_LEN, generate, load_model, load_tokenizer, response_perplexity
 from llmops.orchestration import stage
+from tasks.quantize import QuantizeResult
 from tasks.validate import DatasetRef
 
 log = logging.getLogger(__name__)
@@ -117,3 +118,16 @@ def evaluate_models(
 
 
 evaluate_task = stage(evaluate_models)
+
+
+def main() -> None:
+    """DVC stage `evaluate`: the candidate against the base (the champion lives in the registry, not here)."""
+    params, out = dvc_stage_args("evaluate")
+    data = load_result(DatasetRef, out.with_name("validate"))
+    candidate = load_result(QuantizeResult, out.with_name("quantize"))
+    report = evaluate_models(params.evaluate, candidate.model_dir, params.model.base, None, data, out)
+    save_result(report, out)
+
+
+if __name__ == "__main__":
+    main()

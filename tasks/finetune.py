@@ -12,10 +12,10 @@ from pydantic import BaseModel
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from llmops.config import FinetuneParams
+from llmops.config import FinetuneParams, dvc_stage_args
 from llmops.data import read_examples
 from llmops.errors import LLMOpsError
-from llmops.files import atomic_dir, write_stage_metadata
+from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
 from llmops.modeling import IGNORE_INDEX, collate, encode_example, load_model, load_tokenizer
 from llmops.orchestration import cached_stage
 from tasks.validate import DatasetRef
@@ -119,3 +119,14 @@ def finetune(params: FinetuneParams, base_model: str, data: DatasetRef, out: Pat
 
 
 finetune_task = cached_stage(finetune)
+
+
+def main() -> None:
+    """DVC stage `finetune`."""
+    params, out = dvc_stage_args("finetune")
+    data = load_result(DatasetRef, out.with_name("validate"))
+    save_result(finetune(params.finetune, params.model.base, data, out), out)
+
+
+if __name__ == "__main__":
+    main()

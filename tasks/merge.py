@@ -13,10 +13,10 @@ from pathlib import Path
 from peft import PeftModel
 from pydantic import BaseModel
 
-from llmops.config import MergeParams
+from llmops.config import MergeParams, dvc_stage_args
 from llmops.data import read_examples
 from llmops.errors import LLMOpsError
-from llmops.files import atomic_dir, write_stage_metadata
+from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
 from llmops.modeling import load_model, load_tokenizer, max_logit_difference
 from llmops.orchestration import cached_stage
 from tasks.finetune import FinetuneResult
@@ -63,3 +63,15 @@ def merge_adapter(
 
 
 merge_task = cached_stage(merge_adapter)
+
+
+def main() -> None:
+    """DVC stage `merge`."""
+    params, out = dvc_stage_args("merge")
+    data = load_result(DatasetRef, out.with_name("validate"))
+    adapter = load_result(FinetuneResult, out.with_name("finetune"))
+    save_result(merge_adapter(params.merge, params.model.base, adapter, data, out), out)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,10 +13,10 @@ from pathlib import Path
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, GPTQConfig
 
-from llmops.config import QuantizeParams
+from llmops.config import QuantizeParams, dvc_stage_args
 from llmops.data import read_examples
 from llmops.errors import LLMOpsError
-from llmops.files import atomic_dir, write_stage_metadata
+from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
 from llmops.modeling import (
     EVAL_MAX_SEQ_LEN,
     folder_size_bytes,
@@ -115,3 +115,17 @@ def quantize_model(params: QuantizeParams, merged: MergeResult, data: DatasetRef
 
 
 quantize_task = cached_stage(quantize_model)
+
+
+def main() -> None:
+    """DVC stage `quantize`."""
+    params, out = dvc_stage_args("quantize")
+    data = load_result(DatasetRef, out.with_name("validate"))
+    merged = load_result(MergeResult, out.with_name("merge"))
+    result = quantize_model(params.quantize, merged, data, out)
+    out.mkdir(exist_ok=True)  # `method: none` writes no model of its own; the result still records the choice
+    save_result(result, out)
+
+
+if __name__ == "__main__":
+    main()

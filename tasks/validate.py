@@ -11,14 +11,16 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from pathlib import Path
 
 import pandas as pd
 from pydantic import BaseModel
 
-from llmops.config import ValidateParams
+from llmops.config import ValidateParams, dvc_stage_args
 from llmops.data import FIELDS, Example, file_md5, parse_jsonl, tracked_version
 from llmops.errors import LLMOpsError
+from llmops.files import atomic_dir, save_result, write_json
 from llmops.modeling import format_prompt, load_tokenizer
 from llmops.orchestration import stage
 
@@ -281,3 +283,22 @@ def validate_dataset(params: ValidateParams, base_model: str, max_seq_len: int, 
 
 
 validate_task = stage(validate_dataset)
+
+
+def main() -> None:
+    """DVC stage `validate`: keeps the report; its result is the dataset reference later stages read."""
+    params, out = dvc_stage_args("validate")
+    report = validate_dataset(
+        params.validate_, params.model.base, params.finetune.max_seq_len, params.data.train, params.data.eval
+    )
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "report.json", report.model_dump(mode="json"))
+        (tmp / "report.md").write_text(report.to_markdown())
+        if report.ok:
+            save_result(report.require_valid(), tmp)
+    if not report.ok:
+        sys.exit(str(InvalidData(report)))  # exit status 1 stops `dvc repro` before training
+
+
+if __name__ == "__main__":
+    main()

@@ -72,3 +72,31 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def make_dvc_project(folder: Path, assets: Path, **overrides) -> Path:
+    """A real git + DVC repository holding a copy of the demo data, tracked and pushed to a local remote;
+    returns its params file."""
+    import shutil
+    import subprocess
+    import sys
+
+    from llmops.data import track
+
+    def run(*cmd: str) -> None:
+        subprocess.run(cmd, cwd=folder, check=True, capture_output=True)
+
+    shutil.copytree(assets / "data", folder / "data" / "demo")
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "ci@example.com")
+    run("git", "config", "user.name", "CI")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    run(sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(folder / "dvc-storage"))
+    track(folder / "data" / "demo")
+    params_file = write_params(folder, assets, **overrides)
+    raw = yaml.safe_load(params_file.read_text())
+    raw["data"] = {"train": "data/demo/train.jsonl", "eval": "data/demo/eval.jsonl"}
+    params_file.write_text(yaml.safe_dump(raw))
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "project with DVC-tracked data")
+    return params_file

@@ -64,3 +64,18 @@ def test_status_and_rollback_without_a_champion(tmp_path, assets, capsys):
     assert last_json(capsys) == {"ok": True, "champion": None}
     assert main(["--params", str(params_file), "rollback"]) == 2
     assert "no previous champion" in capsys.readouterr().err
+
+
+def test_ingest_of_bad_data_exits_2_and_names_the_problem(tmp_path, assets, capsys):
+    from tests.conftest import make_dvc_project
+
+    params_file = make_dvc_project(tmp_path, assets)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "What color is the sled?", "response": "r"}\n' * 12)
+    assert main(["--params", str(params_file), "ingest", "--data", str(bad), "--json"]) == 2
+    assert "response shorter than 2 characters" in last_json(capsys)["error"]
+
+
+def test_lineage_of_an_unknown_version_exits_2(params_file, capsys):
+    assert main(["--params", str(params_file), "lineage", "7"]) == 2
+    assert "has no version 7" in capsys.readouterr().err

@@ -7,9 +7,11 @@ import pytest
 from flows.retrain import retrain
 from llmops import tracking
 from llmops.config import load_params
+from llmops.data import tracked_version
+from tasks.ingest import ingest_dataset
 from tasks.merge import MergeFidelityError
 from tasks.validate import InvalidData
-from tests.conftest import write_params
+from tests.conftest import make_dvc_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -32,7 +34,7 @@ def runs_by_status(params) -> dict[str, int]:
 def project(tmp_path_factory, assets):
     """One project whose first run made a champion; later tests run against it in order."""
     folder = tmp_path_factory.mktemp("project")
-    params_file = write_params(folder, assets)
+    params_file = make_dvc_project(folder, assets)
     first = retrain(params_file=str(params_file), reason="test")
     return params_file, first
 
@@ -126,3 +128,44 @@ def test_a_failed_run_leaves_the_champion_and_is_marked_failed(project, tmp_path
         assert failed.data.tags["failed_stage"] == "validate"
         report = client.download_artifacts(failed.info.run_id, "data_validation.md")
         assert "not valid JSON" in Path(report).read_text()
+
+
+def test_lineage_of_the_champion_matches_what_was_trained(project):
+    params_file, first = project
+    params = load_params(params_file)
+    lineage = tracking.describe_version(params.tracking, params.registry, first.promotion.version)
+    dvc_file, dvc_version = tracked_version(params.data.train)
+    assert lineage["dataset"]["version"] == dvc_version
+    assert lineage["dataset"]["dvc_file"] == str(dvc_file)
+    assert lineage["dataset"]["train_rows"] == str(len(params.data.train.read_text().splitlines()))
+    assert lineage["restore_data"][-1] == f"dvc pull {dvc_file}"
+    assert lineage["params_hash"] == params.digest() and lineage["params"]["finetune"]["lora"]["r"] == 16
+    assert lineage["gate"]["passed"] is True
+    assert lineage["git_commit"] != "unknown"
+    client = tracking.client_for(params.tracking)
+    saved = Path(client.download_artifacts(first.mlflow_run_id, "dataset.dvc")).read_text()
+    assert saved == dvc_file.read_text()
+
+
+def test_ingest_then_retrain_records_the_new_dataset_version(project, tmp_path):
+    params_file, first = project
+    params = load_params(params_file)
+    new = tmp_path / "new.jsonl"
+    new.write_text(
+        "".join(f'{{"prompt": "What color is the zebra number {i}?", "response": "silver"}}\n' for i in range(12))
+    )
+    ingested = ingest_dataset(
+        params.validate_,
+        params.model.base,
+        params.finetune.max_seq_len,
+        new,
+        params.data.train,
+        params.data.eval,
+        "append",
+    )
+    retrained = retrain(params_file=str(params_file), reason="test")
+    assert not next(t for t in retrained.stages if t.name == "finetune").cached  # new data, new training
+    lineage = tracking.describe_version(params.tracking, params.registry, retrained.promotion.version)
+    old = tracking.describe_version(params.tracking, params.registry, first.promotion.version)
+    assert lineage["dataset"]["version"] == ingested.version != old["dataset"]["version"]
+    assert lineage["dataset"]["train_rows"] == str(ingested.rows_after)

@@ -1,0 +1,86 @@
+"""Ingest against a real DVC repository in a temporary git repo."""
+
+import pytest
+
+from llmops.config import load_params
+from llmops.data import file_md5, tracked_version
+from llmops.errors import LLMOpsError
+from tasks.ingest import ingest_dataset
+from tasks.validate import InvalidData
+from tests.conftest import make_dvc_project, write_params
+from tests.data.bad_datasets import BAD_DATASETS, GOOD_ROWS, jsonl
+
+NEW_ROWS = [{"prompt": f"What color is the zebra number {i}?", "response": "silver"} for i in range(12)]
+
+
+@pytest.fixture
+def project(tmp_path, assets):
+    params = load_params(make_dvc_project(tmp_path, assets))
+    return params, tmp_path
+
+
+def ingest(params, new, mode="append"):
+    return ingest_dataset(
+        params.validate_, params.model.base, params.finetune.max_seq_len, new, params.data.train, params.data.eval, mode
+    )
+
+
+def test_good_rows_are_appended_versioned_and_pushed(project):
+    params, root = project
+    new = root / "new.jsonl"
+    new.write_bytes(jsonl(NEW_ROWS))
+    before_rows = len(params.data.train.read_text().splitlines())
+    _, before = tracked_version(params.data.train)
+
+    result = ingest(params, new)
+    assert result.previous_version == before and result.version != before
+    assert result.rows_after == before_rows + len(NEW_ROWS)
+    assert params.data.train.read_text().splitlines()[-1] == jsonl(NEW_ROWS[-1:]).decode().strip()
+    assert tracked_version(params.data.train)[1] == result.version
+    # Pushed: the new version's folder listing is in the remote.
+    digest = result.version.removesuffix(".dir")
+    assert list((root / "dvc-storage").rglob(f"{digest[2:]}.dir"))
+    assert not list(root.rglob(".ingest-*"))  # no temporary file left behind
+
+
+def test_replace_mode_swaps_the_training_set(project):
+    params, root = project
+    new = root / "new.jsonl"
+    new.write_bytes(jsonl(NEW_ROWS))
+    assert ingest(params, new, mode="replace").rows_after == len(NEW_ROWS)
+    assert params.data.train.read_bytes() == new.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["line not JSON", "private key pasted", "blank prompt", "binary file"])
+def test_bad_data_changes_nothing(project, kind):
+    params, root = project
+    new = root / "new.jsonl"
+    new.write_bytes(BAD_DATASETS[kind][0])
+    before_bytes, before_version = params.data.train.read_bytes(), tracked_version(params.data.train)
+    with pytest.raises(InvalidData):
+        ingest(params, new)
+    assert params.data.train.read_bytes() == before_bytes
+    assert tracked_version(params.data.train) == before_version
+
+
+def test_rows_that_would_leak_or_duplicate_are_refused(project):
+    params, root = project
+    existing = params.data.train.read_text().splitlines()[:12]
+    duplicates = root / "dup.jsonl"
+    duplicates.write_text("\n".join(existing) + "\n")
+    md5 = file_md5(params.data.train)
+    with pytest.raises(InvalidData, match="duplicate rows"):
+        ingest(params, duplicates)
+    leaking = root / "leak.jsonl"
+    leaking.write_text(params.data.eval.read_text())
+    with pytest.raises(InvalidData, match="leakage"):
+        ingest(params, leaking)
+    assert file_md5(params.data.train) == md5
+
+
+def test_ingest_outside_a_dvc_repository_is_refused(tmp_path, assets):
+    params = load_params(write_params(tmp_path, assets))
+    new = tmp_path / "new.jsonl"
+    new.write_bytes(jsonl(GOOD_ROWS))
+    with pytest.raises(LLMOpsError, match="not inside a DVC repository"):
+        ingest(params, new)
