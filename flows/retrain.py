@@ -64,8 +64,10 @@ def retrain(
             params.finetune.max_seq_len,
             params.data.train,
             params.data.eval,
+            docs_dir=run_dir / "data_docs",
         )
         run.log_text(validation.to_markdown(), "data_validation.md")
+        run.log_artifacts(run_dir / "data_docs", "data_docs")
         create_markdown_artifact(validation.to_markdown(), key="data-validation", description="Data validation")
         data = validation.require_valid()  # bad data stops the run here, before anything trains
         run.set_tags(data.lineage_tags())

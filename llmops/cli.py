@@ -16,8 +16,6 @@ from llmops.config import DEFAULT_PARAMS, Params, load_params, parse_overrides
 from llmops.data import dvc_root, track
 from llmops.errors import LLMOpsError
 
-log = logging.getLogger("llmops")
-
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command and return its exit code (the console script exits with it)."""
@@ -32,15 +30,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), exc.exit_code, args)
     except KeyboardInterrupt:
         return _fail("Interrupted. The champion was not changed.", 130, args)
-    except Exception as exc:  # a crashed stage: say so plainly; the log above has the detail
+    except Exception as exc:  # a crash: say so plainly; the log above has the detail
         if os.environ.get("LLMOPS_DEBUG"):
             raise
-        return _fail(
-            f"The run failed: {type(exc).__name__}: {exc}. The champion was not changed, and the MLflow run is "
-            "marked FAILED with the failing stage. Set LLMOPS_DEBUG=1 to see the traceback.",
-            1,
-            args,
+        aftermath = (
+            " The champion was not changed, and the MLflow run is marked FAILED with the failing stage."
+            if args.name in ("run", "reproduce")
+            else ""
         )
+        message = f"`llmops {args.name}` failed: {type(exc).__name__}: {exc}.{aftermath}"
+        return _fail(message + " Set LLMOPS_DEBUG=1 to see the traceback.", 1, args)
 
 
 def _no_traceback_for_user_errors(record: logging.LogRecord) -> bool:
@@ -65,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(command=handler)
+        sub.set_defaults(command=handler, name=name)
         if json_flag:
             sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         return sub
@@ -90,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--mode", choices=["append", "replace"], default="append")
     lineage = command("lineage", cmd_lineage, "where a registered version came from")
     lineage.add_argument("version", help="registered model version number")
+    reproduce = command("reproduce", cmd_reproduce, "re-run on exactly the data and params of a version, compare")
+    reproduce.add_argument("version", help="registered model version number")
     command("status", cmd_status, "show the current champion")
     rollback = command("rollback", cmd_rollback, "move champion back to the previous champion")
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the champion history")
@@ -215,6 +216,24 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         print("  get this exact data back:")
         for line in lineage["restore_data"]:
             print(f"    {line}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    _prepare_prefect(params)
+    from flows.reproduce import reproduce
+
+    result = reproduce(version=args.version, params_file=str(args.params))
+    if args.json:
+        print(result.model_dump_json())
+        return 0
+    print(
+        f"version {result.version} reproduced on dataset {result.dataset_version} (MLflow run {result.mlflow_run_id})"
+    )
+    print(f"  {'metric':<16} {'original':>10} {'reproduced':>11} {'difference':>11}")
+    for m in result.metrics:
+        print(f"  {m.metric:<16} {m.original:>10.4f} {m.reproduced:>11.4f} {m.difference:>+11.4f}")
     return 0
 
 

@@ -187,3 +187,26 @@ def track(folder: Path, push: bool = True) -> str:
         run_dvc(root, "push", f"{target}.dvc")
     _, version = tracked_version(folder)
     return version
+
+
+def restore(dvc_record: str, root: Path) -> Path:
+    """Materialise the exact data a `.dvc` record names under `<root>/.llmops-restore/<hash>/`, from the DVC
+    cache or the remote; returns the restored file or folder.
+
+    DVC refuses records in git-ignored folders, so the record is written beside `dvc.yaml` for the pull,
+    pointing into the ignored restore folder, and removed afterwards.
+    """
+    record = yaml.safe_load(dvc_record)
+    [out] = record["outs"]
+    digest = out["md5"].removesuffix(".dir")
+    target = Path(".llmops-restore") / digest / Path(out["path"]).name
+    out["path"] = str(target)
+    record_file = root / f"llmops-restore-{digest[:12]}.dvc"
+    record_file.write_text(yaml.safe_dump(record))
+    try:
+        run_dvc(root, "pull", record_file.name)
+    finally:
+        record_file.unlink(missing_ok=True)
+    # The original record beside the data says which version it is (see `tracked_version`).
+    (root / target).with_name(f"{target.name}.dvc").write_text(dvc_record)
+    return root / target

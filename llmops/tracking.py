@@ -74,6 +74,7 @@ class TrackedRun:
     tags: dict[str, str]
     run_id: str = ""
     timings: list[StageTiming] = field(default_factory=list)
+    current_stage: str = "setup"
     client: MlflowClient = field(init=False)
 
     def __enter__(self) -> TrackedRun:
@@ -95,14 +96,13 @@ class TrackedRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:
-            failed = self.tags.get("running_stage", "unknown")
-            self.client.set_tag(self.run_id, "failed_stage", failed)
+            self.client.set_tag(self.run_id, "failed_stage", self.current_stage)
             self.client.set_tag(self.run_id, "error", str(exc)[:5000])
         self.client.set_terminated(self.run_id, "FAILED" if exc else "FINISHED")
 
     def stage(self, name: str, task: Callable, *args: Any, **kwargs: Any) -> Any:
         """Run a Prefect task, time it, and log its result's numbers as metrics and the whole as JSON."""
-        self.tags["running_stage"] = name
+        self.current_stage = name
         start = time.perf_counter()
         state = task(*args, return_state=True, **kwargs)
         result = state.result()  # re-raises the stage's exception
@@ -114,8 +114,10 @@ class TrackedRun:
             metrics |= {f"{name}.{k}": v for k, v in _flatten(dump).items() if _is_number(v)}
             self.client.log_dict(self.run_id, dump, f"stages/{name}.json")
         self.log_metrics(metrics)
-        for step, loss in enumerate(getattr(result, "loss_history", []), start=1):
-            self.client.log_metric(self.run_id, "train_loss", loss, step=step)
+        now = int(time.time() * 1000)
+        curve = [Metric("train_loss", loss, now, step) for step, loss in enumerate(getattr(result, "loss_history", []))]
+        for start in range(0, len(curve), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=curve[start : start + 1000])
         return result
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
@@ -124,6 +126,11 @@ class TrackedRun:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
+        """Log a folder's files; a folder that was never written (nothing to report) is skipped."""
+        if folder.is_dir():
+            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
     def log_file(self, path: Path, artifact_file: str) -> None:
         self.log_text(path.read_text(), artifact_file)
@@ -266,18 +273,12 @@ def describe_champion(tracking: TrackingParams, registry: RegistryParams) -> dic
     if champion is None:
         return None
     client = client_for(tracking)
-    metrics = client.get_run(champion.run_id).data.metrics if champion.run_id else {}
-    prefix = "evaluate.candidate."
     return {
         "model": registry.model_name,
         "version": champion.version,
         "registered_at": datetime.fromtimestamp(champion.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
         "run_id": champion.run_id,
-        "metrics": {
-            k.removeprefix(prefix): v
-            for k, v in sorted(metrics.items())
-            if k.startswith(prefix) and k != f"{prefix}rows"
-        },
+        "metrics": candidate_metrics(tracking, champion.run_id),
         "lineage": {k: v for k, v in champion.tags.items() if k.startswith("lineage.")},
         "reason": champion.tags.get(f"{CHAMPION}_reason", ""),
         "history": champion_history(client, registry.model_name),
@@ -322,4 +323,20 @@ def describe_version(tracking: TrackingParams, registry: RegistryParams, version
         "prefect_flow_run_id": mv.tags.get("lineage.prefect_flow_run_id"),
         "mlflow_run_id": mv.run_id,
         "reason": mv.tags.get("lineage.reason"),
+    }
+
+
+def dataset_record(tracking: TrackingParams, run_id: str) -> str | None:
+    """The `.dvc` record of the data a run trained on, as logged by the flow (None if it was untracked)."""
+    client = client_for(tracking)
+    if "dataset.dvc" not in {a.path for a in client.list_artifacts(run_id)}:
+        return None
+    return Path(client.download_artifacts(run_id, "dataset.dvc")).read_text()
+
+
+def candidate_metrics(tracking: TrackingParams, run_id: str) -> dict[str, float]:
+    prefix = "evaluate.candidate."
+    metrics = client_for(tracking).get_run(run_id).data.metrics
+    return {
+        k.removeprefix(prefix): v for k, v in sorted(metrics.items()) if k.startswith(prefix) and k != f"{prefix}rows"
     }

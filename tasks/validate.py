@@ -8,7 +8,6 @@ params.yaml, evaluated on columns derived with the base model's own tokenizer.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import sys
@@ -26,7 +25,11 @@ from llmops.orchestration import stage
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # GX would otherwise try to phone home, offline here
 import great_expectations as gx  # noqa: E402
-from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
+from great_expectations.data_context.types.base import (  # noqa: E402
+    DataContextConfig,
+    InMemoryStoreBackendDefaults,
+    ProgressBarsConfig,
+)
 
 EXAMPLES_SHOWN = 5
 SECRET_PATTERNS = {
@@ -167,8 +170,8 @@ def row_features(rows: list[tuple[int, Example]], tokenizer, max_seq_len: int, o
     return frame
 
 
-def build_suite(params: ValidateParams, tokenizer, check_leakage: bool) -> gx.ExpectationSuite:
-    """The instruction-data suite; each expectation says in `meta.problem` what a failure means."""
+def build_suite(params: ValidateParams, tokenizer, check_leakage: bool) -> list[gx.expectations.Expectation]:
+    """The instruction-data suite's expectations; each says in `meta.problem` what a failure means."""
     E = gx.expectations
     special = [re.escape(token) for token in tokenizer.all_special_tokens]
     expectations = [
@@ -226,27 +229,80 @@ def build_suite(params: ValidateParams, tokenizer, check_leakage: bool) -> gx.Ex
                 f"prompt also in the eval split above validate.max_leakage_ratio={params.max_leakage_ratio} (leakage)",
             )
         )
-    suite = gx.ExpectationSuite(name="instruction-data")
     for expectation, problem in expectations:
         expectation.meta = {"problem": problem}
-        suite.add_expectation(expectation)
-    return suite
+    return [expectation for expectation, _ in expectations]
 
 
-@functools.cache
-def _batch_definition() -> gx.core.batch_definition.BatchDefinition:
-    """One ephemeral GX context per process: each new context would create (and leave) a temporary folder."""
-    context = gx.get_context(mode="ephemeral")
+def run_suite(
+    frame: pd.DataFrame, expectations: list[gx.expectations.Expectation], name: str, docs_dir: Path | None = None
+):
+    """Validate `frame` in a fresh in-memory GX context; with `docs_dir`, also build Data Docs there.
+
+    The context gets no temporary docs site of its own (GX's default would leave a folder in /tmp per run).
+    """
+    sites = {}
+    if docs_dir:
+        sites = {
+            "llmops": {
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            }
+        }
+    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(), data_docs_sites=sites)
+    context = gx.get_context(project_config=config, mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    return (
-        context.data_sources.add_pandas("llmops")
-        .add_dataframe_asset("rows")
-        .add_batch_definition_whole_dataframe("all")
+    suite = gx.ExpectationSuite(name="instruction-data", expectations=expectations)
+    batches = (
+        context.data_sources.add_pandas("llmops").add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
     )
+    if docs_dir is None:
+        return batches.get_batch(batch_parameters={"dataframe": frame}).validate(suite, result_format="COMPLETE")
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name=name, data=batches, suite=context.suites.add(suite))
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name=name,
+            validation_definitions=[definition],
+            result_format="COMPLETE",
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data-docs")],
+        )
+    )
+    [result] = checkpoint.run(batch_parameters={"dataframe": frame}).run_results.values()
+    make_offline(docs_dir)
+    return result
+
+
+# Data Docs load Bootstrap, jQuery and fonts from CDNs; offline those tags only stall the page. They are
+# dropped and a small inline stylesheet keeps the tables readable without network.
+_REMOTE_TAG = re.compile(
+    r'<link[^>]*href="https?://[^"]*"[^>]*>|<script[^>]*src="https?://[^"]*"[^>]*>\s*</script>'
+    r'|<img[^>]*src="https?://[^"]*"[^>]*>'
+)
+_OFFLINE_CSS = """<style>
+body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; } td, th { border: 1px solid #ccc; padding: 4px 8px; }
+th { background: #f2f2f2; } .text-danger { color: #b00020; } .text-success { color: #1b7e2b; }
+nav, .navbar, .sticky, #section-1 .col-md-2 { display: none; } a { color: #0b5cad; }
+.fa-check-circle::before { content: "\\2714 pass"; } .fa-times::before { content: "\\2718 FAIL"; font-weight: bold; }
+</style>"""
+
+
+def make_offline(docs_dir: Path) -> None:
+    for page in docs_dir.rglob("*.html"):
+        html = _REMOTE_TAG.sub("", page.read_text())
+        page.write_text(html.replace("</head>", _OFFLINE_CSS + "</head>", 1))
 
 
 def check_split(
-    params: ValidateParams, base_model: str, max_seq_len: int, path: Path, other: Path | None = None
+    params: ValidateParams,
+    base_model: str,
+    max_seq_len: int,
+    path: Path,
+    other: Path | None = None,
+    docs_dir: Path | None = None,
 ) -> SplitReport:
     """Validate one JSONL file; with `other`, also count prompts that leak into that split."""
     rows, structural = parse_jsonl(path, params.max_line_bytes)
@@ -257,8 +313,8 @@ def check_split(
     tokenizer = load_tokenizer(base_model)
     other_prompts = {e.prompt for _, e in parse_jsonl(other, params.max_line_bytes)[0]} if other else set()
     frame = row_features(rows, tokenizer, max_seq_len, other_prompts)
-    batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame})
-    result = batch.validate(build_suite(params, tokenizer, other is not None), result_format="COMPLETE")
+    site = docs_dir / path.stem if docs_dir else None  # one site per split: a rebuild would replace the other
+    result = run_suite(frame, build_suite(params, tokenizer, other is not None), path.stem, site)
     failures = [
         ExpectationFailure(
             problem=r.expectation_config.meta["problem"],
@@ -272,12 +328,15 @@ def check_split(
     return SplitReport(path=path, rows=len(frame), md5=md5, structural=[str(p) for p in structural], failures=failures)
 
 
-def validate_dataset(params: ValidateParams, base_model: str, max_seq_len: int, train: Path, eval: Path) -> DataReport:
-    """Validate both splits; training prompts are also checked for leakage into eval."""
+def validate_dataset(
+    params: ValidateParams, base_model: str, max_seq_len: int, train: Path, eval: Path, docs_dir: Path | None = None
+) -> DataReport:
+    """Validate both splits (training prompts are also checked for leakage into eval); with `docs_dir`,
+    build Great Expectations Data Docs for both there."""
     return DataReport(
         splits=[
-            check_split(params, base_model, max_seq_len, train, other=eval),
-            check_split(params, base_model, max_seq_len, eval),
+            check_split(params, base_model, max_seq_len, train, other=eval, docs_dir=docs_dir),
+            check_split(params, base_model, max_seq_len, eval, docs_dir=docs_dir),
         ]
     )
 
@@ -288,10 +347,15 @@ validate_task = stage(validate_dataset)
 def main() -> None:
     """DVC stage `validate`: keeps the report; its result is the dataset reference later stages read."""
     params, out = dvc_stage_args("validate")
-    report = validate_dataset(
-        params.validate_, params.model.base, params.finetune.max_seq_len, params.data.train, params.data.eval
-    )
     with atomic_dir(out) as tmp:
+        report = validate_dataset(
+            params.validate_,
+            params.model.base,
+            params.finetune.max_seq_len,
+            params.data.train,
+            params.data.eval,
+            docs_dir=tmp / "data_docs",
+        )
         write_json(tmp / "report.json", report.model_dump(mode="json"))
         (tmp / "report.md").write_text(report.to_markdown())
         if report.ok:

@@ -79,3 +79,36 @@ def test_ingest_of_bad_data_exits_2_and_names_the_problem(tmp_path, assets, caps
 def test_lineage_of_an_unknown_version_exits_2(params_file, capsys):
     assert main(["--params", str(params_file), "lineage", "7"]) == 2
     assert "has no version 7" in capsys.readouterr().err
+
+
+def test_status_and_rollback_print_the_champion_history(tmp_path, assets, capsys):
+    from llmops import tracking
+    from llmops.config import load_params
+    from tasks.gate import GateDecision
+    from tasks.promote import Lineage, promote
+
+    params_file = write_params(tmp_path, assets)
+    params = load_params(params_file)
+    client = tracking.client_for(params.tracking)
+    experiment = client.create_experiment("cli", artifact_location=params.tracking.artifact_location)
+    for _ in range(2):
+        run_id = client.create_run(experiment).info.run_id
+        lineage = Lineage(
+            dataset_hash="d1",
+            git_commit="c1",
+            params_hash="p1",
+            prefect_flow_run_id="f1",
+            mlflow_run_id=run_id,
+            reason="test",
+        )
+        promote(params.registry, params.tracking, GateDecision(passed=True, checks=[]), assets / "model", lineage)
+    capsys.readouterr()
+
+    assert main(["--params", str(params_file), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "champion: version 2" in out and "dataset_hash" in out and "promote  v1" in out
+    assert main(["--params", str(params_file), "rollback", "--reason", "bad answers", "--json"]) == 0
+    assert last_json(capsys) == {"ok": True, "from_version": "2", "to_version": "1"}
+    assert main(["--params", str(params_file), "status", "--json"]) == 0
+    status = last_json(capsys)["champion"]
+    assert status["version"] == 1 and status["history"][-1]["reason"] == "bad answers"

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.reproduce import reproduce
 from flows.retrain import retrain
 from llmops import tracking
 from llmops.config import load_params
@@ -63,7 +64,7 @@ def test_first_run_trains_every_stage_and_registers_a_champion(project):
     assert run.data.params["finetune.lora.r"] == str(params.finetune.lora.r)
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) > 10
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"params.json", "gate_report.md", "stages"} <= artifacts
+    assert {"params.json", "gate_report.md", "data_validation.md", "data_docs", "stages", "dataset.dvc"} <= artifacts
     version = tracking.champion_version(params.tracking, params.registry)
     assert version.run_id == run.info.run_id
     assert version.tags["lineage.mlflow_run_id"] == run.info.run_id
@@ -101,27 +102,29 @@ def test_a_rejected_candidate_becomes_challenger_and_champion_stays(project):
     assert champion(params) == before
 
 
-@pytest.mark.parametrize(
-    ("overrides", "error"),
-    [
-        ({"data.train": "{eval_file}"}, None),  # placeholder replaced below by a malformed file
-        ({"merge.tolerance": 1e-12}, MergeFidelityError),
-    ],
-    ids=["invalid-data", "crashed-stage"],
-)
-def test_a_failed_run_leaves_the_champion_and_is_marked_failed(project, tmp_path, overrides, error):
-    params_file, _ = project
-    params = load_params(params_file)
-    if error is None:
+def broken_run(case: str, tmp_path: Path) -> tuple[dict, type[Exception]]:
+    """Overrides that make a run fail in the given way, and the error it must fail with."""
+    if case == "invalid-data":
         bad = tmp_path / "train.jsonl"
         bad.write_text('{"prompt": "What color is the tiger?", "response": "brown"}\n{oops\n')
-        overrides, error = {"data.train": str(bad)}, InvalidData
+        return {"data.train": str(bad)}, InvalidData
+    if case == "unreadable-eval-file":  # no Data Docs can be built for it: still a clean failure
+        (tmp_path / "eval.jsonl").write_text("")
+        return {"data.eval": str(tmp_path / "eval.jsonl")}, InvalidData
+    return {"merge.tolerance": 1e-12}, MergeFidelityError  # a stage that crashes after training
+
+
+@pytest.mark.parametrize("case", ["invalid-data", "unreadable-eval-file", "crashed-stage"])
+def test_a_failed_run_leaves_the_champion_and_is_marked_failed(project, tmp_path, case):
+    params_file, _ = project
+    params = load_params(params_file)
+    overrides, error = broken_run(case, tmp_path)
     before, failed_before = champion(params), runs_by_status(params).get("FAILED", 0)
     with pytest.raises(error):
         retrain(params_file=str(params_file), overrides=overrides, reason="test")
     assert champion(params) == before
     assert runs_by_status(params)["FAILED"] == failed_before + 1
-    if error is InvalidData:  # the validation report is kept with the failed run
+    if case == "invalid-data":  # the validation report is kept with the failed run
         client = tracking.client_for(params.tracking)
         experiment = client.get_experiment_by_name(params.tracking.experiment)
         [failed] = client.search_runs([experiment.experiment_id], "attributes.status = 'FAILED'", max_results=1)
@@ -169,3 +172,21 @@ def test_ingest_then_retrain_records_the_new_dataset_version(project, tmp_path):
     old = tracking.describe_version(params.tracking, params.registry, first.promotion.version)
     assert lineage["dataset"]["version"] == ingested.version != old["dataset"]["version"]
     assert lineage["dataset"]["train_rows"] == str(ingested.rows_after)
+
+
+def test_reproduce_restores_the_versions_own_data_and_params(project):
+    params_file, first = project  # runs after the ingest above: the current data is no longer v1's
+    params = load_params(params_file)
+    champion_before = champion(params)
+    result = reproduce(version=first.promotion.version, params_file=str(params_file))
+    assert result.dataset_version == first_dataset_version(params, first)
+    rerun = tracking.client_for(params.tracking).get_run(result.mlflow_run_id)
+    assert rerun.data.tags["dataset.version"] == result.dataset_version
+    assert rerun.data.params["finetune.learning_rate"] == str(params.finetune.learning_rate)
+    by_metric = {m.metric: m for m in result.metrics}
+    assert abs(by_metric["exact_match"].difference) <= 0.05 and abs(by_metric["perplexity"].difference) < 0.1
+    assert champion(params) == champion_before  # a reproduction never moves the champion
+
+
+def first_dataset_version(params, first) -> str:
+    return tracking.describe_version(params.tracking, params.registry, first.promotion.version)["dataset"]["version"]

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -69,3 +70,16 @@ def test_thresholds_come_from_params(tmp_path, assets):
 def test_missing_file_is_a_user_error(tmp_path, assets):
     with pytest.raises(LLMOpsError, match="not found"):
         check_split(PARAMS, str(assets / "model"), MAX_SEQ_LEN, tmp_path / "absent.jsonl")
+
+
+def test_data_docs_are_built_per_split_and_readable_offline(tmp_path, assets):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(jsonl([*GOOD_ROWS, {"prompt": "Say hi", "response": "Say hi"}]))
+    validate_dataset(
+        PARAMS, str(assets / "model"), MAX_SEQ_LEN, train, assets / "data" / "eval.jsonl", docs_dir=tmp_path / "docs"
+    )
+    [page] = (tmp_path / "docs" / "train" / "validations").rglob("*.html")
+    html = page.read_text()
+    assert "echoes_prompt" in html and "1 unexpected value" in html
+    assert not re.search(r'(href|src)="https?://', html.split("</head>")[0])  # nothing fetched from a CDN
+    assert (tmp_path / "docs" / "eval" / "index.html").exists()
