@@ -74,7 +74,13 @@ def retrain(
         if data.dvc_file:
             run.log_file(data.dvc_file, "dataset.dvc")  # with it, `dvc pull` restores this exact data
         adapter = run.stage(
-            "finetune", finetune_task, params.finetune, params.model.base, data, out=run_dir / "finetune"
+            "finetune",
+            finetune_task,
+            params.finetune,
+            params.model.base,
+            data,
+            out=run_dir / "finetune",
+            checkpoints=params.work_dir / "checkpoints",
         )
         merged = run.stage("merge", merge_task, params.merge, params.model.base, adapter, data, out=run_dir / "merge")
         deployable = run.stage("quantize", quantize_task, params.quantize, merged, data, out=run_dir / "quantize")

@@ -132,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     summary = retrain(params_file=str(args.params), overrides=overrides, reason=args.reason)
     if args.json:
-        print(summary.model_dump_json())
+        print(json.dumps({"ok": True, **summary.model_dump(mode="json")}))
         return 0
     _print_summary(summary, params)
     return 0
@@ -226,7 +226,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     result = reproduce(version=args.version, params_file=str(args.params))
     if args.json:
-        print(result.model_dump_json())
+        print(json.dumps({"ok": True, **result.model_dump(mode="json")}))
         return 0
     print(
         f"version {result.version} reproduced on dataset {result.dataset_version} (MLflow run {result.mlflow_run_id})"

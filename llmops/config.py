@@ -97,6 +97,9 @@ class FinetuneParams(Section):
     max_seq_len: int = Field(64, ge=8, description="Prompt + response tokens kept per example.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
     seed: int = Field(0, description="Seed for adapter init and data order.")
+    checkpoint_steps: int = Field(
+        50, ge=1, description="Save a resumable checkpoint every N steps; a crashed run resumes from the newest."
+    )
 
 
 class MergeParams(Section):

@@ -18,8 +18,12 @@ from pydantic import BaseModel
 _SHARED_MODULES = [Path(__file__).with_name(name) for name in ("modeling.py", "data.py", "files.py")]
 
 
+# Where a stage writes, not what it computes from: excluded from the cache key.
+_NOT_INPUTS = {"out", "checkpoints"}
+
+
 def stage_cache_key(context: TaskRunContext, inputs: dict[str, Any]) -> str:
-    """Hash of the stage's inputs (except its output folder) and of the code that computes it.
+    """Hash of the stage's inputs (except where it writes) and of the code that computes it.
 
     Inputs that are local folders (a base model, an upstream artifact) are fingerprinted by their files'
     names, sizes and modification times, so a rebuilt model invalidates the cache even at the same path.
@@ -28,7 +32,7 @@ def stage_cache_key(context: TaskRunContext, inputs: dict[str, Any]) -> str:
     digest = hashlib.sha256()
     for source in [Path(inspect.getsourcefile(fn)), *_SHARED_MODULES]:
         digest.update(source.read_bytes())
-    payload = {name: _as_path_if_local(value) for name, value in inputs.items() if name != "out"}
+    payload = {name: _as_path_if_local(value) for name, value in inputs.items() if name not in _NOT_INPUTS}
     digest.update(json.dumps(payload, sort_keys=True, default=_encode).encode())
     return f"{fn.__module__}.{fn.__name__}-{digest.hexdigest()[:32]}"
 

@@ -12,22 +12,23 @@ def last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_validate_accepts_good_data(assets, capsys):
-    assert main(["validate", "--data", str(assets / "data" / "train.jsonl"), "--json"]) == 0
+def test_validate_accepts_good_data(params_file, assets, capsys):
+    args = ["--params", str(params_file), "validate", "--data", str(assets / "data" / "train.jsonl"), "--json"]
+    assert main(args) == 0
     report = last_json(capsys)
     assert report["ok"] and report["rows"] > 100 and report["problems"] == []
 
 
-def test_validate_rejects_bad_data_with_row_numbers(tmp_path, capsys):
+def test_validate_rejects_bad_data_with_row_numbers(params_file, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
-    assert main(["validate", "--data", str(bad)]) == 1
+    assert main(["--params", str(params_file), "validate", "--data", str(bad)]) == 1
     out = capsys.readouterr().out
     assert "line 2: missing field(s): response" in out
 
 
-def test_validate_of_a_missing_file_is_bad_input(tmp_path, capsys):
-    assert main(["validate", "--data", str(tmp_path / "absent.jsonl"), "--json"]) == 2
+def test_validate_of_a_missing_file_is_bad_input(params_file, tmp_path, capsys):
+    assert main(["--params", str(params_file), "validate", "--data", str(tmp_path / "absent.jsonl"), "--json"]) == 2
     captured = capsys.readouterr()
     assert "not found" in captured.err and "Traceback" not in captured.err
     assert json.loads(captured.out.splitlines()[-1]) == {

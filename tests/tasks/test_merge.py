@@ -13,7 +13,8 @@ def trained(assets, tmp_path_factory):
     data = validate_dataset(
         ValidateParams(), str(assets / "model"), 64, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
     ).require_valid()
-    adapter = finetune(FinetuneParams(epochs=1), str(assets / "model"), data, tmp_path_factory.mktemp("ft") / "ft")
+    folder = tmp_path_factory.mktemp("ft")
+    adapter = finetune(FinetuneParams(epochs=1), str(assets / "model"), data, folder / "ft", folder / "ckpt")
     return data, adapter
 
 
