@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from pydantic import BaseModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from llmops.config import FinetuneParams, dvc_stage_args
@@ -97,6 +97,7 @@ def finetune(params: FinetuneParams, base_model: str, data: DatasetRef, out: Pat
         target_modules=list(params.lora.target_modules),
         task_type="CAUSAL_LM",
     )
+    set_seed(params.seed)  # the adapter's random init must not depend on what ran before in this process
     model = get_peft_model(model, lora)
 
     checkpoint_dir = checkpoint_folder(params, base_model, data, checkpoints)
