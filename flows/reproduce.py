@@ -41,7 +41,7 @@ class Reproduction(BaseModel):
 def reproduce(version: str, params_file: str = str(DEFAULT_PARAMS)) -> Reproduction:
     params = load_params(Path(params_file))
     lineage = tracking.describe_version(params.tracking, params.registry, version)
-    record = tracking.dataset_record(params.tracking, lineage["mlflow_run_id"])
+    record = lineage["dataset_record"]
     root = dvc_root(params.data.train)
     if record is None or root is None:
         raise LLMOpsError(

@@ -138,8 +138,10 @@ def dvc_root(path: Path) -> Path | None:
 def tracked_version(path: Path) -> tuple[Path, str] | None:
     """The `.dvc` file tracking `path` (the file itself or a folder above it) and the hash it records."""
     root = dvc_root(path)
+    if root is None:
+        return None
     for candidate in [path.resolve(), *path.resolve().parents]:
-        if root is None or candidate == root:
+        if candidate == root:
             return None
         dvc_file = candidate.with_name(candidate.name + ".dvc")
         if dvc_file.is_file():

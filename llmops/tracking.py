@@ -303,8 +303,11 @@ def describe_version(tracking: TrackingParams, registry: RegistryParams, version
         decision = json.loads(Path(client.download_artifacts(mv.run_id, "stages/gate.json")).read_text())
     dvc_file = run.data.tags.get("dataset.dvc_file", "")
     commit = mv.tags.get("lineage.git_commit", "unknown")
+    record = (
+        Path(client.download_artifacts(mv.run_id, "dataset.dvc")).read_text() if "dataset.dvc" in artifacts else None
+    )
     restore = []
-    if "dataset.dvc" in artifacts and dvc_file:
+    if record and dvc_file:
         restore = [
             f"mlflow artifacts download -u runs:/{mv.run_id}/dataset.dvc -d /tmp/llmops-lineage",
             f"cp /tmp/llmops-lineage/dataset.dvc {dvc_file}",
@@ -315,6 +318,7 @@ def describe_version(tracking: TrackingParams, registry: RegistryParams, version
         "version": str(mv.version),
         "aliases": list(mv.aliases),
         "dataset": {k.removeprefix("dataset."): v for k, v in run.data.tags.items() if k.startswith("dataset.")},
+        "dataset_record": record,  # the .dvc record of the training data, when it was DVC-tracked
         "restore_data": restore,
         "git_commit": commit,
         "params_hash": mv.tags.get("lineage.params_hash"),
@@ -324,14 +328,6 @@ def describe_version(tracking: TrackingParams, registry: RegistryParams, version
         "mlflow_run_id": mv.run_id,
         "reason": mv.tags.get("lineage.reason"),
     }
-
-
-def dataset_record(tracking: TrackingParams, run_id: str) -> str | None:
-    """The `.dvc` record of the data a run trained on, as logged by the flow (None if it was untracked)."""
-    client = client_for(tracking)
-    if "dataset.dvc" not in {a.path for a in client.list_artifacts(run_id)}:
-        return None
-    return Path(client.download_artifacts(run_id, "dataset.dvc")).read_text()
 
 
 def candidate_metrics(tracking: TrackingParams, run_id: str) -> dict[str, float]:

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from llmops.config import ValidateParams
-from llmops.data import dvc_root, track, tracked_version
+from llmops.data import dvc_root, parse_jsonl, track, tracked_version
 from llmops.errors import LLMOpsError
 from tasks.validate import DataReport, InvalidData, check_split
 
@@ -53,7 +53,7 @@ def ingest_dataset(
     incoming = check_split(params, base_model, max_seq_len, new, other=eval)
     if not incoming.ok:
         raise InvalidData(DataReport(splits=[incoming]))
-    before = check_split(params, base_model, max_seq_len, train).rows if train.exists() else 0
+    before = len(parse_jsonl(train, params.max_line_bytes)[0]) if train.exists() else 0  # judged below, combined
     previous = tracked_version(train)
 
     fd, name = tempfile.mkstemp(prefix=".ingest-", suffix=".jsonl", dir=train.parent.parent)
