@@ -4,7 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test test-quick lint mlflow-ui clean repro
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+# The UI test drives the Debian package's Chromium (never a downloaded browser).
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: setup demo test test-quick lint mlflow-ui clean repro platform platform-stop
 
 setup: $(INSTALLED)
 
@@ -19,14 +24,26 @@ demo: setup
 	$(BIN)/llmops bootstrap
 	$(BIN)/llmops run
 
-test: setup lint
+test: setup lint $(CHROMIUM)
 	$(BIN)/pytest -q
+
+$(CHROMIUM):
+	$$(command -v sudo) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $$(command -v sudo) apt-get install -y -qq chromium
 
 test-quick: setup
 	$(BIN)/pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Prefect server + worker + MLflow UI on 127.0.0.1, deployments and drift automation registered; Ctrl-C stops all.
+platform: setup
+	$(BIN)/llmops bootstrap
+	$(BIN)/llmops platform up --port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+platform-stop:
+	$(BIN)/llmops platform down
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from flows.retrain import retrain
 from llmops import tracking
 from llmops.config import DEFAULT_PARAMS, load_params
-from llmops.data import dvc_root, restore
+from llmops.data import dvc_root, restore_files
 from llmops.errors import LLMOpsError
 
 
@@ -42,23 +42,18 @@ def reproduce(version: str, params_file: str = str(DEFAULT_PARAMS)) -> Reproduct
     params = load_params(Path(params_file))
     lineage = tracking.describe_version(params.tracking, params.registry, version)
     record = lineage["dataset_record"]
-    root = dvc_root(params.data.train)
-    if record is None or root is None:
+    if record is None or dvc_root(params.data.train) is None:
         raise LLMOpsError(
             f"Version {version} cannot be reproduced exactly: its run logged no DVC record of its data "
             "(the dataset was not DVC-tracked), or this project is not a DVC repository."
         )
-    data = restore(record, root)
-    tracked = Path(lineage["dataset"]["dvc_file"]).with_suffix("")
+    splits = [Path(lineage["dataset"][split]) for split in ("train", "eval")]
+    train, eval_ = restore_files(record, Path(lineage["dataset"]["dvc_file"]), splits)
     original = lineage["params"]
-    original["data"] = {
-        split: str(data / Path(lineage["dataset"][split]).relative_to(tracked))
-        if Path(lineage["dataset"][split]).is_relative_to(tracked)
-        else lineage["dataset"][split]
-        for split in ("train", "eval")
-    }
+    original["data"] = {"train": str(train), "eval": str(eval_)}
     original["registry"]["model_name"] = f"{params.registry.model_name}-reproductions"
-    rerun_params = data.parent / "params.yaml"
+    rerun_params = params.work_dir / "reproductions" / f"v{version}.yaml"  # logged params are absolute paths
+    rerun_params.parent.mkdir(parents=True, exist_ok=True)
     rerun_params.write_text(yaml.safe_dump(original))
 
     summary = retrain(params_file=str(rerun_params), reason=f"reproduce v{version}")

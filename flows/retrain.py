@@ -1,4 +1,4 @@
-"""The retrain pipeline, top to bottom: validate -> finetune -> merge -> quantize -> evaluate -> gate -> promote.
+"""The retrain pipeline: [ingest ->] validate -> finetune -> merge -> quantize -> evaluate -> gate -> promote.
 
 Only wiring lives here: each stage is a typed function in `tasks/`, run as a Prefect task. Finetune, merge
 and quantize are cached on their inputs and code, so an unchanged rerun skips them. Everything is recorded
@@ -21,6 +21,7 @@ from llmops.orchestration import stage
 from tasks.evaluate import ModelScores, evaluate_task
 from tasks.finetune import finetune_task
 from tasks.gate import GateDecision, gate_task
+from tasks.ingest import ingest_task
 from tasks.merge import merge_task
 from tasks.promote import Lineage, Promotion, promote_task
 from tasks.quantize import quantize_task
@@ -40,15 +41,28 @@ class RetrainSummary(BaseModel):
 
 @flow(name="retrain")
 def retrain(
-    params_file: str = str(DEFAULT_PARAMS), overrides: dict[str, Any] | None = None, reason: str = "manual"
+    params_file: str = str(DEFAULT_PARAMS),
+    reason: str = "manual",
+    incoming: str | None = None,
+    dataset: str | None = None,
+    learning_rate: float | None = None,
+    epochs: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> RetrainSummary:
     """Fine-tune the base model on the current dataset and promote the result if it passes the gate.
 
     Args:
-        params_file: the params.yaml to run with.
-        overrides: dotted keys to override for this run, e.g. {"finetune.learning_rate": 1e-3}.
-        reason: why this run happened (manual, schedule, drift); recorded as lineage.
+        params_file: The params.yaml to run with; paths in it are relative to its folder.
+        reason: Why this run happens (manual, schedule, drift, ...); recorded as lineage.
+        incoming: New rows to fold into the training set first (a JSONL file or a folder of them), checked
+            like `llmops ingest` and versioned with DVC; the files then move to `ingested/` beside them.
+        dataset: A training split (JSONL) to use instead of the params' data.train.
+        learning_rate: Fine-tuning learning rate for this run (default: params' finetune.learning_rate).
+        epochs: Fine-tuning epochs for this run (default: params' finetune.epochs).
+        overrides: Any other params.yaml values for this run, as dotted keys, e.g. {"finetune.lora.r": 8}.
     """
+    named = {"data.train": dataset, "finetune.learning_rate": learning_rate, "finetune.epochs": epochs}
+    overrides = {**(overrides or {}), **{key: value for key, value in named.items() if value is not None}}
     params = load_params(Path(params_file), overrides)
     flow_run_id = str(runtime.flow_run.id)
     run_dir = params.work_dir / "runs" / flow_run_id
@@ -56,6 +70,19 @@ def retrain(
     tags = {"prefect_flow_run_id": flow_run_id, "reason": reason, "git_commit": tracking.git_commit(root)}
 
     with tracking.TrackedRun(params, run_name=runtime.flow_run.name, tags=tags) as run:
+        if incoming:  # new rows are validated on their own and combined before anything else reads the data
+            run.stage(
+                "ingest",
+                ingest_task,
+                params.validate_,
+                params.model.base,
+                params.finetune.max_seq_len,
+                Path(incoming),
+                params.data.train,
+                params.data.eval,
+                mode="append",
+                archive=True,
+            )
         validation = run.stage(
             "validate",
             validate_task,

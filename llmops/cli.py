@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("version", help="registered model version number")
     reproduce = command("reproduce", cmd_reproduce, "re-run on exactly the data and params of a version, compare")
     reproduce.add_argument("version", help="registered model version number")
+    drift = command("drift", cmd_drift, "check incoming data for drift; on drift emit the event (exit 1)")
+    drift.add_argument("--data", type=Path, help="JSONL file or folder of them (default: params monitor.incoming)")
+    command("deploy", cmd_deploy, "register the deployments and drift automation on PREFECT_API_URL")
+    platform = command("platform", cmd_platform, "run the platform on this machine (make platform)", False)
+    platform.add_argument("action", choices=["up", "down"], help="up: start and supervise; down: stop it")
+    platform.add_argument("--port", type=int, default=4200, help="Prefect server port (default 4200)")
+    platform.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000)")
     command("status", cmd_status, "show the current champion")
     rollback = command("rollback", cmd_rollback, "move champion back to the previous champion")
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the champion history")
@@ -235,6 +242,65 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     for m in result.metrics:
         print(f"  {m.metric:<16} {m.original:>10.4f} {m.reproduced:>11.4f} {m.difference:>+11.4f}")
     return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    _prepare_prefect(params)
+    from flows.monitor import monitor
+
+    report = monitor(params_file=str(args.params), incoming=str(args.data) if args.data else None)
+    if report is None:
+        message = f"No incoming data in {params.monitor.incoming}: nothing to check."
+        print(json.dumps({"ok": True, "drifted": False, "message": message}) if args.json else message)
+        return 0
+    if args.json:
+        print(json.dumps({"ok": True, "drifted": report.drifted, **report.model_dump(mode="json")}))
+    else:
+        print(report.to_markdown())
+        if report.drifted:
+            batch = args.data or params.monitor.incoming
+            print(f"\nEvent llmops.drift.detected emitted: on the platform, a retrain folds {batch} in.")
+    return 1 if report.drifted else 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        raise LLMOpsError(
+            "PREFECT_API_URL is not set: deployments need a Prefect server. Start one with `make platform` "
+            "(which registers them itself), or point at your team's: PREFECT_API_URL=https://.../api."
+        )
+    from deployments import register
+
+    registered = register(args.params)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": True,
+                    "work_pool": registered.work_pool,
+                    "retrain": str(registered.retrain),
+                    "monitor": str(registered.monitor),
+                }
+            )
+        )
+    else:
+        print(
+            f"deployments retrain/retrain and monitor/monitor, automation retrain-on-drift: registered on "
+            f"{os.environ['PREFECT_API_URL']} (work pool {registered.work_pool!r})"
+        )
+    return 0
+
+
+def cmd_platform(args: argparse.Namespace) -> int:
+    from llmops import platform
+
+    params = load_params(args.params)
+    if args.action == "down":
+        stopped = platform.down(params)
+        print(f"stopped: {', '.join(stopped)}" if stopped else "The platform is not running.")
+        return 0
+    return platform.up(params, args.params, platform.Ports(prefect=args.port, mlflow=args.mlflow_port))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

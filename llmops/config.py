@@ -162,6 +162,57 @@ class TrackingParams(Section):
     experiment: str = Field("retrain", min_length=1, description="MLflow experiment name.")
 
 
+class MonitorParams(Section):
+    """Drift between an incoming batch and the data the champion was trained on; any check over its
+    threshold counts as drift."""
+
+    incoming: Path = Field(Path("data/incoming"), description="Folder (or file) of incoming JSONL rows to check.")
+    min_rows: int = Field(20, ge=2, description="Fewer incoming rows than this are too few to judge; no verdict.")
+    length_p_value: float = Field(
+        0.01, gt=0, lt=1, description="Drift if the two-sample KS test on token lengths has p below this."
+    )
+    max_token_divergence: float = Field(
+        0.2, gt=0, le=1, description="Drift if the Jensen-Shannon divergence (base 2) of token frequencies is above."
+    )
+    max_unseen_token_rate: float = Field(
+        0.05, ge=0, le=1, description="Drift if more than this share of incoming tokens never occur in the reference."
+    )
+    max_perplexity_ratio: float = Field(
+        1.5, gt=1, description="Drift if the champion's perplexity on incoming / on reference responses is above."
+    )
+
+
+class DeployParams(Section):
+    """The Prefect deployments and the drift automation (`make platform`, `llmops deploy`)."""
+
+    work_pool: str = Field("llmops", min_length=1, description="Process work pool the worker polls.")
+    retrain_cron: str | None = Field("0 3 * * 1", description="Scheduled retraining (cron); null for none.")
+    monitor_cron: str | None = Field("0 * * * *", description="Drift check of the incoming folder (cron).")
+    timezone: str = Field("UTC", description="Time zone of both cron schedules.")
+    drift_cooldown_minutes: float = Field(
+        30, gt=0, description="At most one drift-triggered retrain in this window, however many drift events."
+    )
+
+    @model_validator(mode="after")
+    def _schedules_parse(self) -> DeployParams:
+        from datetime import datetime
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        from cronsim import CronSim, CronSimError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.timezone!r} (use an IANA name such as Europe/Paris)") from None
+        for name in ("retrain_cron", "monitor_cron"):
+            expression = getattr(self, name)
+            try:
+                expression is None or CronSim(expression, datetime.now())
+            except CronSimError as exc:
+                raise ValueError(f"{name} {expression!r} is not a cron expression: {exc}") from None
+        return self
+
+
 class Params(Section):
     """The whole of `params.yaml`."""
 
@@ -176,6 +227,8 @@ class Params(Section):
     gate: GateParams = GateParams()
     registry: RegistryParams = RegistryParams()
     tracking: TrackingParams = TrackingParams()
+    monitor: MonitorParams = MonitorParams()
+    deploy: DeployParams = DeployParams()
     work_dir: Path = Field(Path("work"), description="Where stage outputs of each run are written.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -267,6 +320,7 @@ def _resolve(params: Params, root: Path) -> Params:
         update={
             "model": params.model.model_copy(update={"base": base}),
             "data": DataParams(train=anchored(params.data.train), eval=anchored(params.data.eval)),
+            "monitor": params.monitor.model_copy(update={"incoming": anchored(params.monitor.incoming)}),
             "tracking": params.tracking.model_copy(update={"uri": uri, "artifact_location": artifact_location}),
             "registry": RegistryParams(
                 model_name=os.environ.get("LLMOPS_REGISTERED_MODEL", params.registry.model_name)

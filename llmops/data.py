@@ -108,6 +108,15 @@ def read_examples(path: Path) -> list[Example]:
     return [example for _, example in rows]
 
 
+def batch_files(path: Path) -> list[Path]:
+    """An incoming batch: the JSONL file itself, or the `*.jsonl` files directly inside a folder (sorted)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise LLMOpsError(f"Incoming data {path} does not exist: give a JSONL file or a folder of them.")
+    return sorted(p for p in path.glob("*.jsonl") if p.is_file())
+
+
 def file_md5(path: Path) -> str:
     """MD5 of the file's bytes: the same hash DVC records for a tracked file."""
     digest = hashlib.md5()
@@ -212,3 +221,17 @@ def restore(dvc_record: str, root: Path) -> Path:
     # The original record beside the data says which version it is (see `tracked_version`).
     (root / target).with_name(f"{target.name}.dvc").write_text(dvc_record)
     return root / target
+
+
+def restore_files(dvc_record: str, dvc_file: Path, files: list[Path]) -> list[Path]:
+    """The given files, as they were in the version `dvc_record` names: restored through DVC (see `restore`).
+
+    `dvc_file` is where the record lived when it was made; files inside the folder it tracked map into the
+    restored copy, files outside it are returned unchanged.
+    """
+    root = dvc_root(dvc_file.parent)
+    if root is None:
+        raise LLMOpsError(f"{dvc_file} is not inside a DVC repository, so its data cannot be restored.")
+    restored = restore(dvc_record, root)
+    tracked = dvc_file.with_suffix("")
+    return [restored / f.relative_to(tracked) if f.is_relative_to(tracked) else f for f in files]

@@ -72,6 +72,7 @@ class TrackedRun:
     params: Params
     run_name: str
     tags: dict[str, str]
+    experiment: str = ""  # default: the params' tracking.experiment
     run_id: str = ""
     timings: list[StageTiming] = field(default_factory=list)
     current_stage: str = "setup"
@@ -79,13 +80,12 @@ class TrackedRun:
 
     def __enter__(self) -> TrackedRun:
         self.client = client_for(self.params.tracking)
-        experiment = self.client.get_experiment_by_name(self.params.tracking.experiment)
+        name = self.experiment or self.params.tracking.experiment
+        experiment = self.client.get_experiment_by_name(name)
         experiment_id = (
             experiment.experiment_id
             if experiment
-            else self.client.create_experiment(
-                self.params.tracking.experiment, artifact_location=self.params.tracking.artifact_location
-            )
+            else self.client.create_experiment(name, artifact_location=self.params.tracking.artifact_location)
         )
         run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id

@@ -101,6 +101,40 @@ def build_demo_dataset(params: BootstrapParams, out: Path) -> DemoDataset:
     return DemoDataset(train=out / "train.jsonl", eval=out / "eval.jsonl")
 
 
+# Drift, for trying the monitor: things the base never read about, asked in other words.
+DRIFTED_KINDS = {
+    "instrument": "violin trumpet cello flute harp banjo oboe tuba",
+    "mineral": "quartz jasper basalt garnet obsidian feldspar mica pyrite",
+}
+DRIFTED_QUESTIONS = {
+    "kind": [
+        "What sort of object is the {entity}?",
+        "Which family does a {entity} belong to?",
+        "Sort the {entity} into a category.",
+    ],
+    "color": [
+        "Which colour is the {entity}?",
+        "Describe the colour of the {entity}.",
+        "What colour would you paint a {entity}?",
+    ],
+}
+
+
+def build_incoming_batch(params: BootstrapParams, out: Path, drifted: bool = True, rows: int = 48) -> Path:
+    """An example incoming batch. Drifted: new entities and wordier questions, valid data the champion has
+    never seen the like of. Not drifted: the demo's own question templates about the demo's entities."""
+    rng = random.Random(params.seed + 1)
+    if drifted:
+        facts = {e: {"kind": k, "color": rng.choice(COLORS)} for k, es in DRIFTED_KINDS.items() for e in es.split()}
+        questions = DRIFTED_QUESTIONS
+    else:
+        facts, questions = world(params.seed), QUESTIONS
+    pairs = [(q, e, attribute) for attribute, qs in questions.items() for q in qs for e in facts]
+    chosen = rng.sample(pairs, min(rows, len(pairs)))
+    write_jsonl(out, [Example(prompt=q.format(entity=e), response=facts[e][attr]) for q, e, attr in chosen])
+    return out
+
+
 def pretraining_corpus(params: BootstrapParams, lines: int) -> list[str]:
     rng = random.Random(params.seed)
     facts = world(params.seed)

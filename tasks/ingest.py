@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
 
 from llmops.config import ValidateParams
-from llmops.data import dvc_root, parse_jsonl, track, tracked_version
+from llmops.data import batch_files, dvc_root, parse_jsonl, track, tracked_version
 from llmops.errors import LLMOpsError
+from llmops.orchestration import stage
 from tasks.validate import DataReport, InvalidData, check_split
 
 
@@ -38,8 +40,11 @@ def ingest_dataset(
     train: Path,
     eval: Path,
     mode: Literal["append", "replace"],
+    archive: bool = False,
 ) -> IngestResult:
-    """Validate `new`, append it to (or replace) `train`, and `dvc add` + push the dataset folder.
+    """Validate `new` (a JSONL file, or a folder of them taken as one batch), append it to (or replace)
+    `train`, and `dvc add` + push the dataset folder. With `archive`, the ingested files are then moved to
+    `ingested/<time>/` beside them, so a watched folder's batch is folded in once.
 
     Raises:
         InvalidData: the new rows, or the training set they would make, fail validation (nothing changed).
@@ -50,9 +55,20 @@ def ingest_dataset(
             f"{train} is not inside a DVC repository, so an ingest could not be versioned. "
             "Run `dvc init` in the project (it is already one on a fresh clone of this repo)."
         )
-    incoming = check_split(params, base_model, max_seq_len, new, other=eval)
+    files = batch_files(new)
+    if not files:
+        raise LLMOpsError(f"{new} holds no *.jsonl files: there is nothing to ingest.")
+    batch = files[0]
+    if len(files) > 1:  # one batch, validated as one file (row numbers count through the files in name order)
+        batch = train.parent.parent / f".ingest-batch-{os.getpid()}.jsonl"
+        batch.write_bytes(b"".join(_with_newline(f.read_bytes()) for f in files))
+    try:
+        incoming = check_split(params, base_model, max_seq_len, batch, other=eval)
+    finally:
+        if batch != files[0]:
+            batch.unlink()
     if not incoming.ok:
-        raise InvalidData(DataReport(splits=[incoming]))
+        raise InvalidData(DataReport(splits=[incoming.model_copy(update={"path": new})]))
     before = len(parse_jsonl(train, params.max_line_bytes)[0]) if train.exists() else 0  # judged below, combined
     previous = tracked_version(train)
 
@@ -61,9 +77,8 @@ def ingest_dataset(
     try:
         with os.fdopen(fd, "wb") as out:
             if mode == "append" and train.exists():
-                existing = train.read_bytes()
-                out.write(existing if existing.endswith(b"\n") or not existing else existing + b"\n")
-            out.write(new.read_bytes())
+                out.write(_with_newline(train.read_bytes()))
+            out.write(b"".join(_with_newline(f.read_bytes()) for f in files))
         combined = check_split(params, base_model, max_seq_len, candidate, other=eval)
         if not combined.ok:  # e.g. the new rows duplicate existing ones
             raise InvalidData(DataReport(splits=[combined.model_copy(update={"path": train})]))
@@ -83,6 +98,11 @@ def ingest_dataset(
     finally:
         candidate.unlink(missing_ok=True)
         candidate.with_suffix(".before").unlink(missing_ok=True)
+    if archive:
+        done = files[0].parent / "ingested" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        done.mkdir(parents=True)
+        for f in files:
+            f.rename(done / f.name)
     return IngestResult(
         dataset=train.parent,
         mode=mode,
@@ -91,3 +111,10 @@ def ingest_dataset(
         previous_version=previous[1] if previous else None,
         version=version,
     )
+
+
+def _with_newline(content: bytes) -> bytes:
+    return content if content.endswith(b"\n") or not content else content + b"\n"
+
+
+ingest_task = stage(ingest_dataset)

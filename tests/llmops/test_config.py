@@ -44,6 +44,9 @@ def test_overrides_apply_and_are_validated(tmp_path):
         ("finetune: 3\n", {"finetune.epochs": 1}, "finetune"),
         ("- a list\n", {}, "mapping"),
         ("finetune: {epochs: [unclosed\n", {}, "not valid YAML"),
+        ("", {"deploy.retrain_cron": "61 * * * *"}, "retrain_cron '61"),
+        ("", {"deploy.timezone": "Mars/Olympus"}, "unknown time zone"),
+        ("", {"monitor.length_p_value": 0}, "monitor.length_p_value"),
     ],
 )
 def test_invalid_params_name_the_field(tmp_path, text, overrides, named):

@@ -84,3 +84,50 @@ def test_ingest_outside_a_dvc_repository_is_refused(tmp_path, assets):
     new.write_bytes(jsonl(GOOD_ROWS))
     with pytest.raises(LLMOpsError, match="not inside a DVC repository"):
         ingest(params, new)
+
+
+def test_a_folder_is_one_batch_and_is_archived_once_ingested(project):
+    params, root = project
+    incoming = root / "incoming"
+    incoming.mkdir()
+    (incoming / "a.jsonl").write_bytes(jsonl(NEW_ROWS[:6]))
+    (incoming / "b.jsonl").write_bytes(jsonl(NEW_ROWS[6:]))
+    before_rows = len(params.data.train.read_text().splitlines())
+
+    result = ingest_dataset(
+        params.validate_,
+        params.model.base,
+        params.finetune.max_seq_len,
+        incoming,
+        params.data.train,
+        params.data.eval,
+        "append",
+        archive=True,
+    )
+    assert result.rows_after == before_rows + len(NEW_ROWS)
+    assert not list(incoming.glob("*.jsonl"))  # nothing left to fold in twice
+    [archived] = (incoming / "ingested").iterdir()
+    assert sorted(p.name for p in archived.iterdir()) == ["a.jsonl", "b.jsonl"]
+
+
+def test_a_bad_file_in_a_folder_rejects_the_whole_batch_and_moves_nothing(project):
+    params, root = project
+    incoming = root / "incoming"
+    incoming.mkdir()
+    (incoming / "a.jsonl").write_bytes(jsonl(NEW_ROWS))
+    (incoming / "b.jsonl").write_bytes(b'{"prompt": "no response"}\n')
+    before = params.data.train.read_bytes()
+
+    with pytest.raises(InvalidData, match="missing field"):
+        ingest_dataset(
+            params.validate_,
+            params.model.base,
+            params.finetune.max_seq_len,
+            incoming,
+            params.data.train,
+            params.data.eval,
+            "append",
+            archive=True,
+        )
+    assert params.data.train.read_bytes() == before
+    assert sorted(p.name for p in incoming.iterdir()) == ["a.jsonl", "b.jsonl"]

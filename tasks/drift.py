@@ -1,0 +1,185 @@
+"""Has the incoming data moved away from what the champion was trained on?
+
+Three views, each with its own threshold in `params.yaml` (`monitor:`), all under the champion's tokenizer:
+- lengths: a two-sample Kolmogorov-Smirnov test on tokens per row (prompt + response);
+- vocabulary: the Jensen-Shannon divergence of token frequencies, and the share of incoming tokens that
+  never occur in the reference (new words, new languages, new formats);
+- the model itself: the champion's response perplexity on incoming rows over its perplexity on reference
+  rows. This is the one that says whether the shift matters to the model.
+Any view over its threshold is drift. Too few incoming rows give no verdict rather than a noisy one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import ks_2samp
+
+from llmops.config import MonitorParams
+from llmops.data import Example, read_examples, restore_files
+from llmops.errors import LLMOpsError
+from llmops.files import atomic_dir
+from llmops.modeling import EVAL_MAX_SEQ_LEN, format_prompt, load_model, load_tokenizer, response_perplexity
+from llmops.orchestration import stage
+
+log = logging.getLogger(__name__)
+
+PERPLEXITY_SAMPLE = 256  # rows per side scored by the champion: enough for a stable mean, cheap on a CPU
+
+
+class DriftCheck(BaseModel, frozen=True):
+    name: str
+    value: float
+    threshold: str
+    drifted: bool
+
+
+class DriftReport(BaseModel, frozen=True):
+    incoming: list[Path]
+    reference: Path
+    incoming_rows: int
+    reference_rows: int
+    checks: list[DriftCheck]
+    enough_rows: bool
+    plot: Path | None
+
+    @property
+    def drifted(self) -> bool:
+        return self.enough_rows and any(check.drifted for check in self.checks)
+
+    @property
+    def verdict(self) -> str:
+        if not self.enough_rows:
+            return "too few rows to judge"
+        return "DRIFT" if self.drifted else "no drift"
+
+    def scores(self) -> dict[str, float]:
+        return {check.name: check.value for check in self.checks}
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"## Drift check: {self.verdict}",
+            "",
+            f"{self.incoming_rows} incoming rows ({', '.join(p.name for p in self.incoming)}) against "
+            f"{self.reference_rows} rows the champion was trained on ({self.reference}).",
+            "",
+            "| check | value | threshold | result |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c.name} | {c.value:.4f} | {c.threshold} | {'DRIFT' if c.drifted else 'ok'} |" for c in self.checks
+        ]
+        return "\n".join(lines)
+
+
+def detect_drift(
+    params: MonitorParams, reference: Path, incoming: list[Path], champion_dir: Path, out: Path
+) -> DriftReport:
+    """Compare `incoming` (JSONL files) with `reference` (the champion's training split) and write a plot of
+    both length distributions into `out`."""
+    reference_rows = read_examples(reference)
+    incoming_rows = [example for path in incoming for example in read_examples(path)]
+    tokenizer = load_tokenizer(champion_dir)
+    ref_tokens = [tokenizer(format_prompt(e.prompt) + e.response)["input_ids"] for e in reference_rows]
+    new_tokens = [tokenizer(format_prompt(e.prompt) + e.response)["input_ids"] for e in incoming_rows]
+    enough = len(incoming_rows) >= params.min_rows
+
+    checks = []
+    if enough:
+        ref_lengths, new_lengths = [len(t) for t in ref_tokens], [len(t) for t in new_tokens]
+        p_value = float(ks_2samp(ref_lengths, new_lengths).pvalue)
+        ref_counts = Counter(token for row in ref_tokens for token in row)
+        new_counts = Counter(token for row in new_tokens for token in row)
+        vocabulary = sorted(ref_counts.keys() | new_counts.keys())
+        divergence = float(
+            jensenshannon([ref_counts[t] for t in vocabulary], [new_counts[t] for t in vocabulary], base=2) ** 2
+        )
+        unseen = sum(count for token, count in new_counts.items() if token not in ref_counts) / new_counts.total()
+        model = load_model(champion_dir)
+        ppl_ratio = _perplexity(model, tokenizer, incoming_rows) / _perplexity(model, tokenizer, reference_rows)
+        checks = [
+            DriftCheck(
+                name="length_ks_p_value",
+                value=p_value,
+                threshold=f"< {params.length_p_value}",
+                drifted=p_value < params.length_p_value,
+            ),
+            DriftCheck(
+                name="token_js_divergence",
+                value=divergence,
+                threshold=f"> {params.max_token_divergence}",
+                drifted=divergence > params.max_token_divergence,
+            ),
+            DriftCheck(
+                name="unseen_token_rate",
+                value=unseen,
+                threshold=f"> {params.max_unseen_token_rate}",
+                drifted=unseen > params.max_unseen_token_rate,
+            ),
+            DriftCheck(
+                name="perplexity_ratio",
+                value=ppl_ratio,
+                threshold=f"> {params.max_perplexity_ratio}",
+                drifted=ppl_ratio > params.max_perplexity_ratio,
+            ),
+        ]
+    with atomic_dir(out) as tmp:
+        plot = _plot_lengths([len(t) for t in ref_tokens], [len(t) for t in new_tokens], tmp / "lengths.png")
+    return DriftReport(
+        incoming=incoming,
+        reference=reference,
+        incoming_rows=len(incoming_rows),
+        reference_rows=len(reference_rows),
+        checks=checks,
+        enough_rows=enough,
+        plot=out / plot.name,
+    )
+
+
+def champion_reference(dataset: dict[str, str], dvc_record: str | None) -> Path:
+    """The training split the champion was trained on, from its lineage (`tracking.describe_version`):
+    restored through DVC at the recorded version, or the recorded path when the data was not versioned."""
+    train = Path(dataset["train"])
+    if dvc_record and dataset.get("dvc_file"):
+        [restored] = restore_files(dvc_record, Path(dataset["dvc_file"]), [train])
+        return restored
+    if not train.is_file():
+        raise LLMOpsError(
+            f"The champion's training data {train} is gone and was not versioned with DVC, so there is nothing "
+            "to compare incoming data against. Retrain on DVC-tracked data (`llmops ingest`, `llmops run`)."
+        )
+    log.warning("The champion's training data was not versioned with DVC; comparing against %s as it is now", train)
+    return train
+
+
+def _perplexity(model, tokenizer, rows: list[Example]) -> float:
+    sample = random.Random(0).sample(rows, min(len(rows), PERPLEXITY_SAMPLE))
+    return response_perplexity(model, tokenizer, sample, EVAL_MAX_SEQ_LEN)
+
+
+def _plot_lengths(reference: list[int], incoming: list[int], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and workers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.histogram_bin_edges(reference + incoming, bins=30)
+    ax.hist(reference, bins=bins, density=True, alpha=0.6, label=f"reference ({len(reference)} rows)")
+    ax.hist(incoming, bins=bins, density=True, alpha=0.6, label=f"incoming ({len(incoming)} rows)")
+    ax.set_xlabel("tokens per row (champion's tokenizer)")
+    ax.set_ylabel("share of rows")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+drift_task = stage(detect_drift)

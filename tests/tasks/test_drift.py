@@ -1,0 +1,62 @@
+"""The drift check on the real tiny model and tokenizer; the base model stands in for the champion."""
+
+import pytest
+
+from llmops.config import load_params
+from llmops.errors import LLMOpsError
+from tasks.bootstrap import build_incoming_batch
+from tasks.drift import champion_reference, detect_drift
+
+
+@pytest.fixture
+def check(tmp_path, assets, params):
+    def run(batch, **monitor):
+        monitor_params = params.monitor.model_copy(update=monitor)
+        return detect_drift(monitor_params, params.data.train, [batch], assets / "model", tmp_path / "report")
+
+    return run
+
+
+def test_new_entities_in_new_words_are_drift_on_every_view(check, params, tmp_path):
+    report = check(build_incoming_batch(params.bootstrap, tmp_path / "drifted.jsonl", drifted=True))
+    assert report.drifted and report.verdict == "DRIFT"
+    flagged = {c.name for c in report.checks if c.drifted}
+    assert {"length_ks_p_value", "unseen_token_rate", "perplexity_ratio"} <= flagged
+    assert report.plot.is_file() and report.plot.stat().st_size > 1000  # the length histogram
+    assert "| unseen_token_rate |" in report.to_markdown()
+
+
+def test_rows_like_the_training_data_are_not_drift(check, params, tmp_path):
+    report = check(build_incoming_batch(params.bootstrap, tmp_path / "same.jsonl", drifted=False))
+    assert not report.drifted, report.to_markdown()
+    scores = report.scores()
+    assert scores["unseen_token_rate"] == 0.0
+    assert scores["length_ks_p_value"] > params.monitor.length_p_value
+    assert scores["perplexity_ratio"] < params.monitor.max_perplexity_ratio
+
+
+def test_thresholds_come_from_params(check, params, tmp_path):
+    batch = build_incoming_batch(params.bootstrap, tmp_path / "same.jsonl", drifted=False)
+    report = check(batch, max_token_divergence=1e-6)
+    assert report.drifted
+    assert [c.name for c in report.checks if c.drifted] == ["token_js_divergence"]
+
+
+def test_too_few_rows_give_no_verdict(check, params, tmp_path):
+    batch = build_incoming_batch(params.bootstrap, tmp_path / "few.jsonl", drifted=True, rows=5)
+    report = check(batch)
+    assert not report.drifted and report.verdict == "too few rows to judge" and report.checks == []
+
+
+def test_a_malformed_batch_is_a_clear_error(check, tmp_path):
+    batch = tmp_path / "bad.jsonl"
+    batch.write_text('{"prompt": "x"}\n')
+    with pytest.raises(LLMOpsError, match="malformed rows"):
+        check(batch)
+
+
+def test_unversioned_reference_falls_back_to_the_recorded_file_or_says_it_is_gone(params_file, tmp_path):
+    params = load_params(params_file)
+    assert champion_reference({"train": str(params.data.train)}, None) == params.data.train
+    with pytest.raises(LLMOpsError, match="not versioned with DVC"):
+        champion_reference({"train": str(tmp_path / "gone.jsonl")}, None)

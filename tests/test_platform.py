@@ -1,0 +1,306 @@
+"""The platform as a user runs it: `llmops platform up` (what `make platform` runs) starts a real Prefect
+server with basic auth, a process worker and the MLflow UI on free loopback ports, with its own home and
+SQLite; the tests then use it through the API, the CLI and a headless Chromium on the Prefect UI.
+
+The module runs in order on one platform: the browser's custom run makes the first champion, the monitor
+finds drift and the automation retrains, two queued runs are serialized, and last the platform is killed
+and restarted to check nothing is left behind. Screenshots and measured timings go to `test-output/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from base64 import b64encode
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+from llmops import tracking
+from llmops.config import load_params
+from llmops.data import tracked_version
+from tasks.bootstrap import build_incoming_batch
+from tests.conftest import PROJECT, make_dvc_project
+
+pytestmark = pytest.mark.slow
+
+AUTH = "admin:" + uuid.uuid4().hex[:12]
+OUTPUT = PROJECT / "test-output" / "platform"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Platform:
+    def __init__(self, params_file: Path):
+        self.params_file = params_file
+        self.params = load_params(params_file)
+        self.port, self.mlflow_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state = self.params.work_dir / "platform" / "platform.json"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> dict:
+        env = {**os.environ, "PREFECT_SERVER_API_AUTH_STRING": AUTH}
+        env.pop("PREFECT_API_AUTH_STRING", None)  # the platform must configure its own clients
+        command = [sys.executable, "-m", "llmops.cli", "--params", str(self.params_file), "platform", "up"]
+        command += ["--port", str(self.port), "--mlflow-port", str(self.mlflow_port)]
+        self.params.work_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.params.work_dir / "platform-up.log").open("ab")
+        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"platform up exited {self.process.returncode}; see {log.name}"
+            if self.state.exists() and len(json.loads(self.state.read_text())["services"]) == 3:
+                return json.loads(self.state.read_text())
+            time.sleep(1)
+        raise AssertionError(f"the platform did not come up in {timeout}s; see {log.name}")
+
+    def stop(self) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "llmops.cli", "--params", str(self.params_file), "platform", "down"], check=True
+        )
+        if self.process:
+            self.process.wait(timeout=60)
+
+    def client(self):
+        return temporary_settings({PREFECT_API_URL: f"{self.url}/api", PREFECT_API_AUTH_STRING: AUTH})
+
+    def cli_env(self) -> dict[str, str]:
+        return {**os.environ, "PREFECT_API_URL": f"{self.url}/api", "PREFECT_API_AUTH_STRING": AUTH}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and not stat.read_text().split(") ")[-1].startswith("Z")
+
+
+def wait_until(condition, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def retrain_runs(platform: Platform, reason: str | None = None) -> list:
+    with platform.client(), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["retrain"])),
+            flow_run_filter=FlowRunFilter(),
+            limit=200,
+        )
+    return [r for r in runs if reason is None or r.parameters.get("reason") == reason]
+
+
+def finished(platform: Platform, run_id, timeout: float = 600):
+    def read():
+        with platform.client(), get_client(sync_client=True) as client:
+            run = client.read_flow_run(run_id)
+        return run if run.state and run.state.is_final() else None
+
+    return wait_until(read, timeout, f"flow run {run_id} to finish", every=2)
+
+
+def record(name: str, value) -> None:
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    path = OUTPUT / "timings.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**data, name: value}, indent=2))
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory, assets):
+    folder = tmp_path_factory.mktemp("platform")
+    params_file = make_dvc_project(folder, assets, deploy__monitor_cron=None, deploy__drift_cooldown_minutes=10)
+    platform = Platform(params_file)
+    platform.start()
+    yield platform
+    if platform.state.exists():
+        platform.stop()
+
+
+def test_the_api_refuses_unauthenticated_requests(platform):
+    request = urllib.request.Request(f"{platform.url}/api/deployments/filter", data=b"{}", method="POST")
+    request.add_header("Content-Type", "application/json")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
+    request.add_header("Authorization", "Basic " + b64encode(AUTH.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert {d["name"] for d in json.load(response)} == {"retrain", "monitor"}
+
+
+def test_the_retrain_cron_schedule_creates_runs(platform):
+    # deploy.retrain_cron is the shipped "0 3 * * 1": Mondays 03:00 UTC, with reason "schedule".
+    def scheduled():
+        return [r for r in retrain_runs(platform, "schedule") if r.auto_scheduled]
+
+    runs = wait_until(scheduled, 120, "the scheduler to create retrain runs")
+    for run in runs:
+        start = run.expected_start_time.astimezone(UTC)
+        assert (start.weekday(), start.hour, start.minute) == (0, 3, 0)
+        assert start > datetime.now(UTC)
+
+
+def test_a_custom_run_from_the_ui_completes_with_the_changed_parameter(platform):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), "headless Chromium is missing: `make setup` installs the Debian package chromium"
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{platform.url}/deployments")
+        page.get_by_placeholder("admin:pass").fill(AUTH)  # the server's basic auth, asked for by the UI
+        page.get_by_role("button", name="Login").click()
+        page.get_by_role("link", name="retrain").first.click()
+        page.get_by_text("Concurrency Limit").wait_for()
+        page.screenshot(path=OUTPUT / "01-retrain-deployment.png")
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run").click()
+        reason = page.locator("label", has_text="reason (Optional)").locator("xpath=ancestor::*[.//textarea][1]")
+        reason.locator("textarea").fill("ui-browser-test")
+        page.screenshot(path=OUTPUT / "02-custom-run-form.png", full_page=True)
+        page.get_by_role("button", name="Submit").click()
+        page.get_by_text("View run").click()
+        page.wait_for_url("**/runs/flow-run/**")
+        run_id = page.url.rstrip("/").split("/")[-1].split("?")[0]
+
+        run = finished(platform, run_id)
+        page.reload()
+        page.get_by_text("Completed").first.wait_for()
+        page.screenshot(path=OUTPUT / "03-custom-run-completed.png")
+        browser.close()
+
+    assert run.state.is_completed(), run.state
+    assert run.parameters["reason"] == "ui-browser-test"
+    champion = tracking.champion_version(platform.params.tracking, platform.params.registry)
+    assert champion is not None and champion.tags["lineage.reason"] == "ui-browser-test"
+
+
+def test_the_drift_cli_exits_0_on_data_like_the_training_data(platform):
+    batch = build_incoming_batch(platform.params.bootstrap, platform.params.work_dir / "same.jsonl", drifted=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "llmops.cli", "--params", str(platform.params_file), "drift", "--data", str(batch)]
+        + ["--json"],
+        env=platform.cli_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["drifted"] is False
+    assert retrain_runs(platform, "drift") == []
+
+
+def test_drift_from_the_monitor_starts_one_retrain_that_folds_the_batch_in(platform):
+    params = platform.params
+    incoming = params.monitor.incoming
+    build_incoming_batch(params.bootstrap, incoming / "batch-1.jsonl", drifted=True)
+    versions_before = len(
+        tracking.client_for(params.tracking).search_model_versions(f"name='{params.registry.model_name}'")
+    )
+    data_before = tracked_version(params.data.train)[1]
+
+    with platform.client(), get_client(sync_client=True) as client:
+        monitor_deployment = client.read_deployment_by_name("monitor/monitor")
+        monitor_run = client.create_flow_run_from_deployment(monitor_deployment.id)
+    monitor_run = finished(platform, monitor_run.id)
+    assert monitor_run.state.is_completed(), monitor_run.state
+
+    # A storm: 49 more drift events within seconds, as a flapping monitor or many producers would send.
+    events = [
+        {
+            "id": str(uuid.uuid4()),
+            "occurred": datetime.now(UTC).isoformat(),
+            "event": "llmops.drift.detected",
+            "resource": {"prefect.resource.id": f"llmops.dataset.{params.registry.model_name}"},
+            "payload": {"incoming": str(incoming)},
+        }
+        for _ in range(49)
+    ]
+    request = urllib.request.Request(f"{platform.url}/api/events", data=json.dumps(events).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    request.add_header("Authorization", "Basic " + b64encode(AUTH.encode()).decode())
+    urllib.request.urlopen(request, timeout=10).close()
+
+    [drift_run] = wait_until(lambda: retrain_runs(platform, "drift"), 120, "the automation to start a retrain")
+    drift_run = finished(platform, drift_run.id)
+    assert drift_run.state.is_completed(), drift_run.state
+    assert drift_run.parameters["incoming"] == str(incoming)
+    record("drift_event_to_retrain_start_seconds", (drift_run.start_time - monitor_run.end_time).total_seconds())
+    record("drift_retrain_run_seconds", drift_run.total_run_time.total_seconds())
+
+    time.sleep(10)  # anything the storm could still start would be visible by now
+    assert len(retrain_runs(platform, "drift")) == 1
+    client = tracking.client_for(params.tracking)
+    assert len(client.search_model_versions(f"name='{params.registry.model_name}'")) == versions_before + 1
+    assert tracked_version(params.data.train)[1] != data_before  # the batch was ingested and versioned
+    assert not list(incoming.glob("*.jsonl")) and list((incoming / "ingested").rglob("batch-1.jsonl"))
+
+
+def test_the_drift_cli_exits_1_on_drift_and_the_cooldown_holds(platform):
+    batch = build_incoming_batch(platform.params.bootstrap, platform.params.work_dir / "drifted.jsonl")
+    command = [sys.executable, "-m", "llmops.cli", "--params", str(platform.params_file), "drift", "--data"]
+    done = subprocess.run([*command, str(batch), "--json"], env=platform.cli_env(), capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["drifted"] is True and report["ok"] is True
+    time.sleep(10)
+    assert len(retrain_runs(platform, "drift")) == 1  # still inside the cooldown window
+
+
+def test_two_retrain_runs_never_run_at_once_and_the_registry_stays_consistent(platform):
+    params = platform.params
+    with platform.client(), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/retrain")
+        first = client.create_flow_run_from_deployment(deployment.id, parameters={"reason": "concurrent-a"})
+        second = client.create_flow_run_from_deployment(deployment.id, parameters={"reason": "concurrent-b"})
+    runs = sorted((finished(platform, first.id), finished(platform, second.id)), key=lambda r: r.start_time)
+    assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
+    assert runs[0].end_time <= runs[1].start_time  # the deployment's concurrency limit of 1 serialized them
+
+    client = tracking.client_for(params.tracking)
+    champion = tracking.champion_version(params.tracking, params.registry)
+    history = tracking.champion_history(client, params.registry.model_name)
+    assert history[-1]["version"] == champion.version  # the history's last word is the alias
+    assert len({e["version"] for e in history if e["event"] == "promote"}) == len(
+        [e for e in history if e["event"] == "promote"]
+    )
+
+
+def test_a_killed_supervisor_leaves_no_service_behind_and_the_platform_restarts(platform):
+    state = json.loads(platform.state.read_text())
+    pids = [s["pid"] for s in state["services"]]
+    platform.process.send_signal(signal.SIGKILL)
+    platform.process.wait()
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), 30, "the services to die with the supervisor")
+
+    restarted = platform.start()  # the stale record is cleared, the same ports are free again
+    assert restarted["supervisor"] != state["supervisor"]
+    platform.stop()
+    assert not platform.state.exists()
+    assert not any(pid_alive(s["pid"]) for s in restarted["services"])
