@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
     boot = command("bootstrap", cmd_bootstrap, "build the default tiny base model and demo dataset", False)
     boot.add_argument("--force", action="store_true", help="rebuild even if they exist")
+    boot.add_argument("--drifted-batch", type=Path, metavar="FILE", help="also write an example drifted batch here")
     run = command("run", cmd_run, "run the retrain flow once")
     run.add_argument(
         "--set",
@@ -111,7 +112,7 @@ def _prepare_prefect(params: Params) -> None:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from tasks.bootstrap import build_base_model, build_demo_dataset
+    from tasks.bootstrap import build_base_model, build_demo_dataset, build_incoming_batch
 
     params = load_params(args.params)
     model_dir = Path(params.model.base)
@@ -128,6 +129,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         print(f"demo dataset present: {data_dir}")
     if dvc_root(data_dir):
         print(f"demo dataset versioned with DVC: {track(data_dir)}")
+    if args.drifted_batch:
+        build_incoming_batch(params.bootstrap, args.drifted_batch, drifted=True)
+        print(f"example drifted batch: {args.drifted_batch} (check it: llmops drift --data {args.drifted_batch})")
     return 0
 
 

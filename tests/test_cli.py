@@ -113,3 +113,32 @@ def test_status_and_rollback_print_the_champion_history(tmp_path, assets, capsys
     assert main(["--params", str(params_file), "status", "--json"]) == 0
     status = last_json(capsys)["champion"]
     assert status["version"] == 1 and status["history"][-1]["reason"] == "bad answers"
+
+
+def test_deploy_without_a_prefect_server_exits_2(params_file, capsys, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["--params", str(params_file), "deploy"]) == 2
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_drift_without_a_champion_exits_2(params_file, tmp_path, capsys):
+    from llmops.config import load_params
+    from tasks.bootstrap import build_incoming_batch
+
+    batch = build_incoming_batch(load_params(params_file).bootstrap, tmp_path / "batch.jsonl")
+    assert main(["--params", str(params_file), "drift", "--data", str(batch), "--json"]) == 2
+    assert "No champion" in last_json(capsys)["error"]
+
+
+def test_platform_refuses_a_port_in_use_and_leaves_nothing_running(params_file, capsys):
+    import socket
+
+    from llmops.config import load_params
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert main(["--params", str(params_file), "platform", "up", "--port", str(port)]) == 2
+    assert f"Port {port}" in capsys.readouterr().err
+    assert not (load_params(params_file).work_dir / "platform" / "platform.json").exists()

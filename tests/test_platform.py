@@ -68,8 +68,9 @@ class Platform:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"platform up exited {self.process.returncode}; see {log.name}"
-            if self.state.exists() and len(json.loads(self.state.read_text())["services"]) == 3:
-                return json.loads(self.state.read_text())
+            state = json.loads(self.state.read_text()) if self.state.exists() else {}
+            if state.get("supervisor") == self.process.pid and len(state["services"]) == 3:
+                return state
             time.sleep(1)
         raise AssertionError(f"the platform did not come up in {timeout}s; see {log.name}")
 
@@ -77,6 +78,8 @@ class Platform:
         subprocess.run(
             [sys.executable, "-m", "llmops.cli", "--params", str(self.params_file), "platform", "down"], check=True
         )
+        if self.process and self.process.poll() is None:  # it was still starting when `down` ran
+            self.process.terminate()
         if self.process:
             self.process.wait(timeout=60)
 
@@ -186,18 +189,22 @@ def test_a_custom_run_from_the_ui_completes_with_the_changed_parameter(platform)
         reason.locator("textarea").fill("ui-browser-test")
         page.screenshot(path=OUTPUT / "02-custom-run-form.png", full_page=True)
         page.get_by_role("button", name="Submit").click()
-        page.get_by_text("View run").click()
-        page.wait_for_url("**/runs/flow-run/**")
-        run_id = page.url.rstrip("/").split("/")[-1].split("?")[0]
+        [created] = wait_until(lambda: retrain_runs(platform, "ui-browser-test"), 60, "the run the UI submitted")
 
-        run = finished(platform, run_id)
-        page.reload()
+        run = finished(platform, created.id)
+        page.goto(f"{platform.url}/runs/flow-run/{run.id}")
         page.get_by_text("Completed").first.wait_for()
-        page.screenshot(path=OUTPUT / "03-custom-run-completed.png")
+        page.get_by_text("Parameters", exact=True).click()
+        page.get_by_text("ui-browser-test").first.wait_for()  # the UI shows the run with the changed value
+        page.screenshot(path=OUTPUT / "03-custom-run-completed-parameters.png")
+        page.get_by_text("Artifacts", exact=True).click()
+        page.get_by_text("gate-report").first.wait_for()
+        page.screenshot(path=OUTPUT / "04-custom-run-artifacts.png")
         browser.close()
 
     assert run.state.is_completed(), run.state
     assert run.parameters["reason"] == "ui-browser-test"
+    assert [r.id for r in retrain_runs(platform, "ui-browser-test")] == [run.id]  # one click, one run
     champion = tracking.champion_version(platform.params.tracking, platform.params.registry)
     assert champion is not None and champion.tags["lineage.reason"] == "ui-browser-test"
 
@@ -286,7 +293,7 @@ def test_two_retrain_runs_never_run_at_once_and_the_registry_stays_consistent(pl
     client = tracking.client_for(params.tracking)
     champion = tracking.champion_version(params.tracking, params.registry)
     history = tracking.champion_history(client, params.registry.model_name)
-    assert history[-1]["version"] == champion.version  # the history's last word is the alias
+    assert history[-1]["version"] == str(champion.version)  # the history's last word is the alias
     assert len({e["version"] for e in history if e["event"] == "promote"}) == len(
         [e for e in history if e["event"] == "promote"]
     )

@@ -19,9 +19,16 @@ def project(tmp_path, assets):
     return params, tmp_path
 
 
-def ingest(params, new, mode="append"):
+def ingest(params, new, mode="append", archive=False):
     return ingest_dataset(
-        params.validate_, params.model.base, params.finetune.max_seq_len, new, params.data.train, params.data.eval, mode
+        params.validate_,
+        params.model.base,
+        params.finetune.max_seq_len,
+        new,
+        params.data.train,
+        params.data.eval,
+        mode,
+        archive=archive,
     )
 
 
@@ -94,16 +101,7 @@ def test_a_folder_is_one_batch_and_is_archived_once_ingested(project):
     (incoming / "b.jsonl").write_bytes(jsonl(NEW_ROWS[6:]))
     before_rows = len(params.data.train.read_text().splitlines())
 
-    result = ingest_dataset(
-        params.validate_,
-        params.model.base,
-        params.finetune.max_seq_len,
-        incoming,
-        params.data.train,
-        params.data.eval,
-        "append",
-        archive=True,
-    )
+    result = ingest(params, incoming, archive=True)
     assert result.rows_after == before_rows + len(NEW_ROWS)
     assert not list(incoming.glob("*.jsonl"))  # nothing left to fold in twice
     [archived] = (incoming / "ingested").iterdir()
@@ -119,15 +117,6 @@ def test_a_bad_file_in_a_folder_rejects_the_whole_batch_and_moves_nothing(projec
     before = params.data.train.read_bytes()
 
     with pytest.raises(InvalidData, match="missing field"):
-        ingest_dataset(
-            params.validate_,
-            params.model.base,
-            params.finetune.max_seq_len,
-            incoming,
-            params.data.train,
-            params.data.eval,
-            "append",
-            archive=True,
-        )
+        ingest(params, incoming, archive=True)
     assert params.data.train.read_bytes() == before
     assert sorted(p.name for p in incoming.iterdir()) == ["a.jsonl", "b.jsonl"]
