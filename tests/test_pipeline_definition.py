@@ -15,7 +15,8 @@ import yaml
 from llmops.config import Params
 
 PROJECT = Path(__file__).resolve().parents[1]
-NOT_DVC_STAGES = {"fetch_champion", "gate", "promote"}  # they act on the registry, outside state
+# The registry stages act on outside state; ingest (drift runs only) changes the data DVC versions.
+NOT_DVC_STAGES = {"ingest", "fetch_champion", "gate", "promote"}
 
 
 def flow_stage_order() -> list[str]:
