@@ -88,11 +88,11 @@ def detect_drift(
     tokenizer = load_tokenizer(champion_dir)
     ref_tokens = [tokenizer(format_prompt(e.prompt) + e.response)["input_ids"] for e in reference_rows]
     new_tokens = [tokenizer(format_prompt(e.prompt) + e.response)["input_ids"] for e in incoming_rows]
+    ref_lengths, new_lengths = [len(t) for t in ref_tokens], [len(t) for t in new_tokens]
     enough = len(incoming_rows) >= params.min_rows
 
     checks = []
     if enough:
-        ref_lengths, new_lengths = [len(t) for t in ref_tokens], [len(t) for t in new_tokens]
         p_value = float(ks_2samp(ref_lengths, new_lengths).pvalue)
         ref_counts = Counter(token for row in ref_tokens for token in row)
         new_counts = Counter(token for row in new_tokens for token in row)
@@ -130,7 +130,7 @@ def detect_drift(
             ),
         ]
     with atomic_dir(out) as tmp:
-        plot = _plot_lengths([len(t) for t in ref_tokens], [len(t) for t in new_tokens], tmp / "lengths.png")
+        plot = _plot_lengths(ref_lengths, new_lengths, tmp / "lengths.png")
     return DriftReport(
         incoming=incoming,
         reference=reference,
