@@ -9,7 +9,7 @@ MLFLOW_PORT ?= 5000
 # The UI test drives the Debian package's Chromium (never a downloaded browser).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup demo test test-quick lint mlflow-ui clean repro platform platform-stop
+.PHONY: setup demo test test-quick bench lint mlflow-ui clean repro platform platform-stop
 
 setup: $(INSTALLED)
 
@@ -33,6 +33,11 @@ $(CHROMIUM):
 
 test-quick: setup
 	$(BIN)/pytest -q -m "not slow"
+
+# Side-by-side measurements (not tests): writes docs/BENCHMARKS.md and bench/results.json; ~15 min on 2 cores.
+bench: setup
+	$(BIN)/llmops bootstrap
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/run.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

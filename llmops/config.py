@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,6 +87,41 @@ class LoraParams(Section):
     )
 
 
+class DistributedParams(Section):
+    """Training across processes with DeepSpeed ZeRO: one rank per GPU (NCCL), or CPU ranks over gloo."""
+
+    processes: int = Field(
+        1, ge=1, description="Training processes per host, one per GPU. 1 trains in one process without DeepSpeed."
+    )
+    hostfile: Path | None = Field(
+        None,
+        description="DeepSpeed hostfile (`host slots=N` per line) to train on several hosts over passwordless ssh; "
+        "`processes` ranks start on each host. Unset: this host only.",
+    )
+    zero_stage: Literal[2, 3] = Field(
+        2, description="2 shards optimizer state and gradients; 3 also shards the weights (models too big for a GPU)."
+    )
+    offload_optimizer: bool = Field(False, description="Keep ZeRO optimizer state in CPU memory (GPU hosts).")
+    offload_params: bool = Field(False, description="Keep ZeRO-3 weight shards in CPU memory (GPU hosts).")
+    timeout_minutes: float = Field(
+        30,
+        gt=0,
+        description="Every rank is stopped and the stage fails if training prints nothing for this long, or a rank "
+        "waits this long for the others (a dead or hung peer).",
+    )
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        """Training runs as DeepSpeed ranks: several processes, or several hosts."""
+        return self.processes > 1 or self.hostfile is not None
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self) -> DistributedParams:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params shards weights to the CPU, which needs zero_stage: 3")
+        return self
+
+
 class FinetuneParams(Section):
     quantization: Literal["none", "nf4"] = Field(
         "none", description="`nf4` loads the base in 4-bit with bitsandbytes and trains QLoRA."
@@ -93,13 +129,50 @@ class FinetuneParams(Section):
     lora: LoraParams = LoraParams()
     learning_rate: float = Field(3e-3, gt=0, le=1, description="Peak learning rate (linear decay).")
     epochs: float = Field(12.0, gt=0, description="Passes over the training split.")
-    batch_size: int = Field(16, ge=1, description="Examples per optimizer step.")
+    batch_size: int = Field(
+        16, ge=1, description="Sequences per optimizer step, over all ranks (with packing, packed sequences)."
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Sequences per forward pass on each rank; gradients accumulate up to batch_size. "
+        "Unset: batch_size / ranks.",
+    )
     max_seq_len: int = Field(64, ge=8, description="Prompt + response tokens kept per example.")
+    packing: bool = Field(
+        False,
+        description="Pack several examples into each max_seq_len sequence (attention and positions stay per "
+        "example): less padding, faster on variable-length data, fewer optimizer steps per epoch.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory for about a third more compute."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`auto`: bf16 on a GPU that supports it, fp32 otherwise."
+    )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
     seed: int = Field(0, description="Seed for adapter init and data order.")
     checkpoint_steps: int = Field(
         50, ge=1, description="Save a resumable checkpoint every N steps; a crashed run resumes from the newest."
     )
+    distributed: DistributedParams = DistributedParams()
+
+    @model_validator(mode="after")
+    def _fits_the_ranks(self) -> FinetuneParams:
+        if self.quantization == "nf4" and self.distributed.zero_stage == 3 and self.distributed.uses_deepspeed:
+            raise ValueError(
+                "QLoRA (quantization: nf4) cannot run under ZeRO-3: ZeRO-3 shards the weights, and bitsandbytes "
+                "4-bit weights cannot be sharded here. Use distributed.zero_stage: 2 (the 4-bit base is small "
+                "enough to keep whole on every rank) or quantization: none"
+            )
+        processes = self.distributed.processes
+        per_rank = self.micro_batch_size or self.batch_size // processes
+        if per_rank < 1 or self.batch_size % (per_rank * processes):
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of micro_batch_size x processes "
+                f"({per_rank} x {processes}), so every optimizer step sees the same number of sequences"
+            )
+        return self
 
 
 class MergeParams(Section):
@@ -320,6 +393,7 @@ def _resolve(params: Params, root: Path) -> Params:
         update={
             "model": params.model.model_copy(update={"base": base}),
             "data": DataParams(train=anchored(params.data.train), eval=anchored(params.data.eval)),
+            "finetune": _anchor_hostfile(params.finetune, anchored),
             "monitor": params.monitor.model_copy(update={"incoming": anchored(params.monitor.incoming)}),
             "tracking": params.tracking.model_copy(update={"uri": uri, "artifact_location": artifact_location}),
             "registry": RegistryParams(
@@ -328,6 +402,14 @@ def _resolve(params: Params, root: Path) -> Params:
             "work_dir": anchored(params.work_dir),
         }
     )
+
+
+def _anchor_hostfile(finetune: FinetuneParams, anchored: Callable[[Path], Path]) -> FinetuneParams:
+    hostfile = finetune.distributed.hostfile
+    if hostfile is None:
+        return finetune
+    distributed = finetune.distributed.model_copy(update={"hostfile": anchored(hostfile)})
+    return finetune.model_copy(update={"distributed": distributed})
 
 
 def dvc_stage_args(stage: str) -> tuple[Params, Path]:

@@ -35,16 +35,21 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(name_or_path: str | Path, quantization: str = "none") -> PreTrainedModel:
-    """Load a causal LM on the CPU in float32, or in NF4 4-bit (bitsandbytes) for QLoRA.
+def load_model(
+    name_or_path: str | Path, quantization: str = "none", dtype: torch.dtype = torch.float32, device: str | None = None
+) -> PreTrainedModel:
+    """Load a causal LM in `dtype` (float32 by default, on the CPU), or in NF4 4-bit (bitsandbytes) for QLoRA
+    with `dtype` as the compute type.
 
     A checkpoint that is already quantized (GPTQ) loads with the quantization its config records; passing
     any `quantization_config`, even None, would override that and silently drop the packed weights.
     """
-    options: dict = {"dtype": torch.float32}
+    options: dict = {"dtype": dtype}
+    if device is not None:
+        options["device_map"] = {"": device}
     if quantization == "nf4":
         options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **options)

@@ -1,71 +1,56 @@
-"""LoRA (or QLoRA on an NF4 base) fine-tuning with the loss on response tokens only."""
+"""LoRA (or QLoRA on an NF4 base) fine-tuning with the loss on response tokens only, in one process or as
+N DeepSpeed ranks across GPUs and hosts.
+
+The training itself runs in child processes (`llmops/training.py`): one, or N launched by the DeepSpeed
+launcher. This stage launches them, streams their logs, stops every rank if one fails or training stalls,
+and checks the adapter they saved before anything downstream trusts it.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import os
+import queue
 import shutil
-from functools import partial
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import deque
 from pathlib import Path
+from typing import IO
 
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from pydantic import BaseModel
-from safetensors import SafetensorError
+import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_callback import ProgressCallback
 
-from llmops.config import FinetuneParams, dvc_stage_args
-from llmops.data import read_examples
+from llmops.config import DistributedParams, FinetuneParams, dvc_stage_args
 from llmops.errors import LLMOpsError
-from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
-from llmops.modeling import IGNORE_INDEX, collate, encode_example, load_model, load_tokenizer
+from llmops.files import atomic_dir, load_result, save_result, write_json, write_stage_metadata
 from llmops.orchestration import cached_stage
+from llmops.training import TrainingJob, TrainingOutcome
 from tasks.validate import DatasetRef
 
 log = logging.getLogger(__name__)
 
 
-class FinetuneResult(BaseModel, frozen=True):
+class FinetuneResult(TrainingOutcome, frozen=True):
     adapter_dir: Path
-    steps: int
-    resumed_from_step: int  # 0 for a fresh start
-    final_loss: float
-    loss_history: list[float]
-    trained_rows: int
-    skipped_rows: int
-    supervised_tokens: int
 
 
-class _ProgressBarOnly(ProgressCallback):
-    """Keep the progress bar, drop the per-step loss lines: the losses go to MLflow instead."""
+class TrainingFailed(LLMOpsError):
+    """A training process crashed, was killed, or stalled; every rank has been stopped (exit code 1)."""
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
-        pass
+    exit_code = 1
 
 
 def checkpoint_folder(params: FinetuneParams, base_model: str, data: DatasetRef, checkpoints: Path) -> Path:
     """Where this training's checkpoints live: the same for every attempt with the same inputs, so the next
-    attempt (a Prefect retry, or the next run) finds what a crashed one left."""
+    attempt (a Prefect retry, or the next run) finds what a crashed one left. The params include the rank
+    count, whose DeepSpeed checkpoints only that count can resume."""
     key = hashlib.sha256(f"{params.model_dump_json()}|{base_model}|{data.train_md5}".encode()).hexdigest()[:16]
     return checkpoints / key
-
-
-def newest_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint that was written to the end. The Trainer writes trainer_state.json last, so a
-    checkpoint counts only if that file parses and its adapter weights load; others are skipped, never loaded."""
-    for checkpoint in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-            load_file(checkpoint / "adapter_model.safetensors")
-            if not (checkpoint / "optimizer.pt").stat().st_size:
-                raise OSError("empty optimizer state")
-        except (OSError, ValueError, SafetensorError) as exc:
-            log.warning("skipping incomplete checkpoint %s (%s)", checkpoint, exc)
-            continue
-        return checkpoint
-    return None
 
 
 def finetune(params: FinetuneParams, base_model: str, data: DatasetRef, out: Path, checkpoints: Path) -> FinetuneResult:
@@ -75,75 +60,25 @@ def finetune(params: FinetuneParams, base_model: str, data: DatasetRef, out: Pat
     in a batch of only such rows), so they are skipped and counted. Checkpoints go to a folder under
     `checkpoints` keyed by the inputs; training resumes from the newest complete one and removes them once
     the adapter is saved.
+
+    Raises:
+        TrainingFailed: a training process died or stalled.
+        LLMOpsError: the inputs cannot be trained on (no usable row, a batch size the ranks cannot split).
     """
-    tokenizer = load_tokenizer(base_model)
-    encoded = [encode_example(tokenizer, e, params.max_seq_len) for e in read_examples(data.train)]
-    usable = [row for row in encoded if any(label != IGNORE_INDEX for label in row["labels"])]
-    if not usable:
-        raise LLMOpsError(
-            f"No row of {data.train} keeps a response token within finetune.max_seq_len="
-            f"{params.max_seq_len}: raise it or shorten the prompts."
-        )
-    if len(usable) < len(encoded):
-        log.warning("skipping %d rows whose response is truncated away", len(encoded) - len(usable))
-
-    model = load_model(base_model, params.quantization)
-    if params.quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    lora = LoraConfig(
-        r=params.lora.r,
-        lora_alpha=params.lora.alpha,
-        lora_dropout=params.lora.dropout,
-        target_modules=list(params.lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    set_seed(params.seed)  # the adapter's random init must not depend on what ran before in this process
-    model = get_peft_model(model, lora)
-
     checkpoint_dir = checkpoint_folder(params, base_model, data, checkpoints)
     with atomic_dir(out) as tmp:
-        steps_per_epoch = -(-len(usable) // params.batch_size)
-        total_steps = max(1, round(steps_per_epoch * params.epochs))
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(
-                output_dir=str(checkpoint_dir),
-                per_device_train_batch_size=params.batch_size,
-                max_steps=total_steps,
-                learning_rate=params.learning_rate,
-                lr_scheduler_type="linear",
-                warmup_steps=int(total_steps * params.warmup_ratio),
-                logging_steps=1,
-                save_strategy="steps",
-                save_steps=params.checkpoint_steps,
-                save_total_limit=2,
-                report_to=[],
-                seed=params.seed,
-                data_seed=params.seed,
-                use_cpu=True,
-                remove_unused_columns=False,
-            ),
-            train_dataset=usable,
-            data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        job = TrainingJob(
+            params=params,
+            base_model=base_model,
+            train_file=data.train,
+            adapter_dir=tmp / "adapter",
+            checkpoint_dir=checkpoint_dir,
+            result_file=tmp / "training.json",
+            error_file=tmp / "training-error.txt",
         )
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_ProgressBarOnly)
-        resume_from = newest_complete_checkpoint(checkpoint_dir)
-        if resume_from:
-            log.info("resuming from %s", resume_from)
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        model.save_pretrained(tmp / "adapter")
-        result = FinetuneResult(
-            adapter_dir=out / "adapter",
-            steps=trainer.state.global_step,
-            resumed_from_step=int(resume_from.name.split("-")[-1]) if resume_from else 0,
-            final_loss=losses[-1],
-            loss_history=losses,
-            trained_rows=len(usable),
-            skipped_rows=len(encoded) - len(usable),
-            supervised_tokens=sum(sum(label != IGNORE_INDEX for label in row["labels"]) for row in usable),
-        )
+        outcome = run_training(job)
+        check_adapter(job.adapter_dir, params)
+        result = FinetuneResult(adapter_dir=out / "adapter", **outcome.model_dump())
         write_stage_metadata(
             tmp,
             "finetune",
@@ -154,6 +89,124 @@ def finetune(params: FinetuneParams, base_model: str, data: DatasetRef, out: Pat
         )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is safe in `out`; nothing left to resume
     return result
+
+
+def training_command(job_file: Path, distributed: DistributedParams) -> list[str]:
+    """One plain process, or the DeepSpeed launcher starting `processes` ranks here or on every host."""
+    worker = ["-m", "llmops.training", str(job_file)]
+    if not distributed.uses_deepspeed:
+        return [sys.executable, "-u", *worker]
+    if distributed.hostfile is not None and not distributed.hostfile.is_file():
+        raise LLMOpsError(
+            f"finetune.distributed.hostfile {distributed.hostfile} does not exist. Write one line per host "
+            "(`worker-1 slots=8`), or unset it to train on this host only."
+        )
+    return [
+        sys.executable,
+        "-u",
+        "-m",
+        "deepspeed.launcher.runner",
+        # /dev/null is no hostfile: DeepSpeed would otherwise pick up /job/hostfile if one happened to exist.
+        f"--hostfile={distributed.hostfile or '/dev/null'}",
+        f"--num_gpus={distributed.processes}",
+        f"--master_port={_free_port()}",
+        "--no_local_rank",  # ranks read LOCAL_RANK from the environment
+        "--module",
+        *worker[1:],
+    ]
+
+
+def run_training(job: TrainingJob) -> TrainingOutcome:
+    """Run the training processes to the end, streaming their output into this stage's log.
+
+    They run in a process group of their own: if any rank fails the DeepSpeed launcher stops the others,
+    and whatever happens here (a stall past the timeout, an interrupt, a cancelled flow) the whole group is
+    stopped before this returns, so no rank outlives the stage.
+    """
+    distributed = job.params.distributed
+    job_file = job.result_file.with_name("training-job.json")
+    write_json(job_file, job.model_dump(mode="json"))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    # Library deprecation notices, once per rank and step, would bury the progress lines.
+    env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"  # ranks talk over gloo
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // distributed.processes)))
+    process = subprocess.Popen(
+        training_command(job_file, distributed),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+        env=env,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+    tail: deque[str] = deque(maxlen=12)
+    try:
+        while (line := lines.get(timeout=distributed.timeout_minutes * 60)) is not None:
+            tail.append(line)
+            log.info("%s", line)
+        code = process.wait()
+    except queue.Empty:
+        raise TrainingFailed(
+            f"Training printed nothing for {distributed.timeout_minutes:g} minutes, so a rank is hung or "
+            "deadlocked; every training process was stopped. Last lines:\n" + "\n".join(tail)
+        ) from None
+    finally:
+        _stop_group(process)
+        job_file.unlink()
+    if job.error_file.exists():
+        raise LLMOpsError(job.error_file.read_text())
+    if code != 0 or not job.result_file.exists():
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        raise TrainingFailed(
+            f"Training {how}; every training process was stopped (a SIGKILL is often the out-of-memory killer). "
+            "The next attempt with the same data and params resumes from the newest complete checkpoint. "
+            "Last lines:\n" + "\n".join(tail)
+        )
+    return TrainingOutcome.model_validate_json(job.result_file.read_text())
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line.rstrip())
+    lines.put(None)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the training process group, then SIGKILL whatever is left after a grace period."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return  # the group is gone: every rank has exited
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_adapter(adapter_dir: Path, params: FinetuneParams) -> None:
+    """Refuse an adapter whose tensors are empty or misshapen: what ZeRO-3 leaves when it saves shards
+    instead of gathered weights."""
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    if not weights:
+        raise TrainingFailed(f"The saved adapter in {adapter_dir} holds no tensors.")
+    for name, tensor in weights.items():
+        rank_dim = 0 if "lora_A" in name else 1
+        if tensor.dim() != 2 or tensor.numel() == 0 or tensor.shape[rank_dim] != params.lora.r:
+            raise TrainingFailed(
+                f"The saved adapter tensor {name} has shape {tuple(tensor.shape)}, not a rank-{params.lora.r} LoRA "
+                "matrix: ZeRO-3 saved a shard instead of the gathered weights. Nothing was published."
+            )
 
 
 finetune_task = cached_stage(finetune)

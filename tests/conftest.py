@@ -35,6 +35,26 @@ def assets(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def demo_data(assets):
+    """The demo dataset, validated: what the finetune stage takes."""
+    from llmops.config import ValidateParams
+    from tasks.validate import validate_dataset
+
+    train, eval_ = assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
+    return validate_dataset(ValidateParams(), str(assets / "model"), 64, train, eval_).require_valid()
+
+
+@pytest.fixture(scope="session")
+def one_epoch_adapter(assets, demo_data, tmp_path_factory):
+    """One epoch of single-process LoRA training on the demo data, shared by the tests that need an adapter."""
+    from llmops.config import FinetuneParams
+    from tasks.finetune import finetune
+
+    folder = tmp_path_factory.mktemp("one-epoch")
+    return finetune(FinetuneParams(epochs=1), str(assets / "model"), demo_data, folder / "ft", folder / "ckpt")
+
+
 def write_params(folder: Path, assets: Path, **overrides) -> Path:
     """The shipped params.yaml, pointed at the session's assets and a private store, plus overrides
     given as `section__key=value`."""

@@ -1,14 +1,17 @@
 """The retrain flow end to end on real Prefect (test harness), real MLflow (SQLite) and real tiny models."""
 
+import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from flows.reproduce import reproduce
 from flows.retrain import retrain
 from llmops import tracking
 from llmops.config import load_params
 from llmops.data import tracked_version
+from llmops.modeling import load_model
 from tasks.ingest import ingest_dataset
 from tasks.merge import MergeFidelityError
 from tasks.validate import InvalidData
@@ -100,6 +103,27 @@ def test_a_rejected_candidate_becomes_challenger_and_champion_stays(project):
     rejected = retrain(params_file=str(params_file), overrides={"gate.min_exact_match": 1.0}, reason="test")
     assert not rejected.decision.passed and rejected.promotion.alias == "challenger"
     assert champion(params) == before
+
+
+def test_a_two_rank_zero3_run_goes_through_every_stage(project):
+    """DeepSpeed ZeRO-3 on 2 CPU ranks: the adapter is gathered whole from the weight shards, merges,
+    quantizes, is evaluated and gated like any other."""
+    params_file, _ = project
+    params = load_params(params_file)
+    before = champion(params)
+    distributed = {"finetune.distributed.processes": 2, "finetune.distributed.zero_stage": 3, "finetune.epochs": 2}
+    run = retrain(params_file=str(params_file), overrides=distributed, reason="test")
+    assert [t.name for t in run.stages][1:4] == ["finetune", "merge", "quantize"] and run.stages[-1].name == "promote"
+    client = tracking.client_for(params.tracking)
+    stage = json.loads(Path(client.download_artifacts(run.mlflow_run_id, "stages/finetune.json")).read_text())
+    assert stage["world_size"] == 2 and stage["loss_history"][-1] < stage["loss_history"][0] * 0.5
+    weights = load_file(Path(stage["adapter_dir"]) / "adapter_model.safetensors")
+    base = load_model(params.model.base)
+    for name, tensor in weights.items():  # ZeRO-3 shards would be empty or flat, not rank-r matrices
+        layer = base.get_submodule(name.removeprefix("base_model.model.").split(".lora_")[0])
+        expected = (params.finetune.lora.r, layer.in_features)
+        assert tuple(tensor.shape) == (expected if "lora_A" in name else (layer.out_features, expected[0])), name
+    assert run.promotion.alias == "champion" or champion(params) == before
 
 
 def broken_run(case: str, tmp_path: Path) -> tuple[dict, type[Exception]]:

@@ -47,6 +47,11 @@ def test_overrides_apply_and_are_validated(tmp_path):
         ("", {"deploy.retrain_cron": "61 * * * *"}, "retrain_cron '61"),
         ("", {"deploy.timezone": "Mars/Olympus"}, "unknown time zone"),
         ("", {"monitor.length_p_value": 0}, "monitor.length_p_value"),
+        ("", {"finetune.quantization": "nf4", "finetune.distributed": {"processes": 2, "zero_stage": 3}}, "ZeRO-3"),
+        ("", {"finetune.distributed.offload_params": True}, "zero_stage: 3"),
+        ("", {"finetune.distributed.processes": 3}, "multiple of micro_batch_size x processes"),
+        ("", {"finetune.micro_batch_size": 5}, "multiple of micro_batch_size"),
+        ("", {"finetune.precision": "fp16"}, "finetune.precision"),
     ],
 )
 def test_invalid_params_name_the_field(tmp_path, text, overrides, named):
@@ -54,6 +59,13 @@ def test_invalid_params_name_the_field(tmp_path, text, overrides, named):
     path.write_text(text)
     with pytest.raises(LLMOpsError, match=named.replace(".", r"\.")):
         load_params(path, overrides)
+
+
+def test_a_relative_hostfile_is_anchored_at_the_params_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("finetune: {distributed: {processes: 8, hostfile: hosts/train}}\n")
+    params = load_params(tmp_path / "params.yaml")
+    assert params.finetune.distributed.hostfile == tmp_path / "hosts" / "train"
+    assert params.finetune.distributed.uses_deepspeed
 
 
 def test_missing_params_file_is_a_clear_error(tmp_path):

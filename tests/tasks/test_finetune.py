@@ -1,105 +1,114 @@
 import json
 import signal
-import subprocess
-import sys
+import threading
 import time
+from pathlib import Path
 
+import psutil
 import pytest
+import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from llmops.config import FinetuneParams, ValidateParams
+from llmops.config import DistributedParams, FinetuneParams, MergeParams
+from llmops.data import read_examples
 from llmops.errors import LLMOpsError
-from llmops.modeling import load_model
-from tasks.finetune import checkpoint_folder, finetune, newest_complete_checkpoint
-from tasks.validate import validate_dataset
+from llmops.modeling import collate, encode_example, load_model, load_tokenizer
+from llmops.training import collate_packed, newest_complete_checkpoint, pack_examples
+from tasks.finetune import TrainingFailed, checkpoint_folder, finetune
+from tasks.merge import merge_adapter
 
 
-@pytest.fixture(scope="module")
-def data(assets):
-    return validate_dataset(
-        ValidateParams(), str(assets / "model"), 64, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
-    ).require_valid()
-
-
-def test_lora_training_lowers_the_loss_and_saves_a_loadable_adapter(assets, data, tmp_path):
-    params = FinetuneParams(epochs=1)
-    result = finetune(params, str(assets / "model"), data, tmp_path / "ft", tmp_path / "ckpt")
-
-    assert result.steps == -(-data.train_rows // params.batch_size)
+def test_lora_training_lowers_the_loss_and_saves_a_loadable_adapter(assets, demo_data, one_epoch_adapter):
+    result, params = one_epoch_adapter, FinetuneParams(epochs=1)
+    assert result.steps == -(-demo_data.train_rows // params.batch_size) and result.world_size == 1
     first, last = sum(result.loss_history[:5]) / 5, sum(result.loss_history[-5:]) / 5
     assert last < first * 0.6, (first, last)
+    assert result.tokens_per_second > 0 and result.peak_memory_mb > 0
     weights = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert weights and all(t.numel() > 0 for t in weights.values())
     assert any(t.abs().sum() > 0 for name, t in weights.items() if "lora_B" in name)  # B starts at zero
     model = PeftModel.from_pretrained(load_model(assets / "model"), result.adapter_dir)
     assert model.peft_config["default"].r == params.lora.r
-    # The folder says what made it.
-    assert json.loads((tmp_path / "ft" / "llmops_config.json").read_text())["learning_rate"] == params.learning_rate
-    meta = json.loads((tmp_path / "ft" / "llmops_metadata.json").read_text())
-    assert meta["dataset"]["train_md5"] == data.train_md5 and meta["steps"] == result.steps
-    assert not list(tmp_path.glob("*.partial-*"))
-    assert result.resumed_from_step == 0 and not list((tmp_path / "ckpt").glob("*"))  # cleaned up after success
+    # The folder says what made it, and holds nothing of the training processes' bookkeeping.
+    folder = result.adapter_dir.parent
+    assert json.loads((folder / "llmops_config.json").read_text())["learning_rate"] == params.learning_rate
+    meta = json.loads((folder / "llmops_metadata.json").read_text())
+    assert meta["dataset"]["train_md5"] == demo_data.train_md5 and meta["steps"] == result.steps
+    assert not (folder / "training-job.json").exists()
+    assert not list(folder.parent.glob("*.partial-*"))
+    assert result.resumed_from_step == 0 and not list((folder.parent / "ckpt").glob("*"))  # cleaned up
 
 
-def test_qlora_trains_on_a_4bit_base(assets, data, tmp_path):
+def test_qlora_trains_on_a_4bit_base(assets, demo_data, tmp_path):
     params = FinetuneParams(quantization="nf4", epochs=0.2)
-    result = finetune(params, str(assets / "model"), data, tmp_path / "q", tmp_path / "ckpt")
+    result = finetune(params, str(assets / "model"), demo_data, tmp_path / "q", tmp_path / "ckpt")
     assert result.steps > 0 and all(loss == loss for loss in result.loss_history)  # no NaN
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == set(FinetuneParams().lora.target_modules)
 
 
-def test_rows_truncated_to_no_response_are_refused(assets, data, tmp_path):
-    with pytest.raises(LLMOpsError, match="max_seq_len"):
-        finetune(FinetuneParams(max_seq_len=8), str(assets / "model"), data, tmp_path / "ft", tmp_path / "ckpt")
-    assert not (tmp_path / "ft").exists()
+def test_bad_input_found_by_the_training_process_is_a_clear_error(assets, demo_data, tmp_path):
+    # Raised inside the child process; it must come back as the same one-paragraph error, not a crash.
+    with pytest.raises(LLMOpsError, match="max_seq_len=8") as caught:
+        finetune(FinetuneParams(max_seq_len=8), str(assets / "model"), demo_data, tmp_path / "ft", tmp_path / "ckpt")
+    assert not isinstance(caught.value, TrainingFailed)
+    assert not (tmp_path / "ft").exists() and not list(tmp_path.glob("ft.partial-*"))
+
+
+def training_processes() -> list[psutil.Process]:
+    return [
+        p for p in psutil.Process().children(recursive=True) if "llmops.training" in " ".join(p.cmdline()[:4] or [""])
+    ]
+
+
+def run_in_background(*args) -> tuple[threading.Thread, dict]:
+    """Run `finetune(*args)` in a thread; the dict receives its `result` or its `error`."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = finetune(*args)
+        except Exception as exc:  # noqa: BLE001 - handed to the test to assert on
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(path: Path, thread: threading.Thread, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert thread.is_alive() and time.monotonic() < deadline, f"training ended before writing {path}"
+        time.sleep(0.2)
 
 
 RESUME_PARAMS = FinetuneParams(epochs=2, checkpoint_steps=10)
 
 
-def test_killed_training_resumes_from_its_newest_checkpoint(assets, data, tmp_path):
+def test_killed_training_process_fails_the_stage_and_the_next_attempt_resumes(assets, demo_data, tmp_path):
     base = str(assets / "model")
-    folder = checkpoint_folder(RESUME_PARAMS, base, data, tmp_path / "ckpt")
-    script = (
-        "import sys; from pathlib import Path; from llmops.config import FinetuneParams; "
-        "from tasks.finetune import finetune; from tasks.validate import DatasetRef; "
-        "finetune(FinetuneParams.model_validate_json(sys.argv[1]), sys.argv[2], "
-        "DatasetRef.model_validate_json(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))"
-    )
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            script,
-            RESUME_PARAMS.model_dump_json(),
-            base,
-            data.model_dump_json(),
-            str(tmp_path / "killed"),
-            str(tmp_path / "ckpt"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while not (folder / "checkpoint-20" / "trainer_state.json").exists():
-        assert child.poll() is None and time.monotonic() < deadline, "training ended before checkpoint 20"
-        time.sleep(0.2)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert not (tmp_path / "killed").exists()  # a killed stage leaves no output a later stage could trust
+    folder = checkpoint_folder(RESUME_PARAMS, base, demo_data, tmp_path / "ckpt")
+    thread, outcome = run_in_background(RESUME_PARAMS, base, demo_data, tmp_path / "ft", tmp_path / "ckpt")
+    wait_for(folder / "checkpoint-20" / "trainer_state.json", thread)
+    for process in training_processes():
+        process.send_signal(signal.SIGKILL)  # what the out-of-memory killer or a preemption does
+    thread.join()
+    assert isinstance(outcome.get("error"), TrainingFailed), outcome
+    assert "SIGKILL" in str(outcome["error"]) and "resumes" in str(outcome["error"])
+    assert not (tmp_path / "ft").exists()  # a killed stage leaves no output a later stage could trust
 
-    resumed = finetune(RESUME_PARAMS, base, data, tmp_path / "resumed", tmp_path / "ckpt")
+    resumed = finetune(RESUME_PARAMS, base, demo_data, tmp_path / "ft", tmp_path / "ckpt")
     assert resumed.resumed_from_step >= 20
-    uninterrupted = finetune(RESUME_PARAMS, base, data, tmp_path / "straight", tmp_path / "other-ckpt")
+    uninterrupted = finetune(RESUME_PARAMS, base, demo_data, tmp_path / "straight", tmp_path / "other-ckpt")
     assert resumed.steps == uninterrupted.steps
     assert resumed.final_loss == pytest.approx(uninterrupted.final_loss, abs=0.05)
 
 
-def test_incomplete_checkpoints_are_skipped_not_loaded(assets, data, tmp_path):
+def test_incomplete_checkpoints_are_skipped_not_loaded(assets, demo_data, tmp_path):
     base = str(assets / "model")
-    folder = checkpoint_folder(RESUME_PARAMS, base, data, tmp_path / "ckpt")
+    folder = checkpoint_folder(RESUME_PARAMS, base, demo_data, tmp_path / "ckpt")
     folder.mkdir(parents=True)
     # A checkpoint whose state file was cut mid-write, and one whose weights are truncated.
     (folder / "checkpoint-40").mkdir()
@@ -108,5 +117,70 @@ def test_incomplete_checkpoints_are_skipped_not_loaded(assets, data, tmp_path):
     (folder / "checkpoint-50" / "trainer_state.json").write_text("{}")
     (folder / "checkpoint-50" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00")
     assert newest_complete_checkpoint(folder) is None
-    result = finetune(RESUME_PARAMS, base, data, tmp_path / "ft", tmp_path / "ckpt")
+    result = finetune(RESUME_PARAMS, base, demo_data, tmp_path / "ft", tmp_path / "ckpt")
     assert result.resumed_from_step == 0 and result.steps > 50
+
+
+def test_packing_scores_every_row_exactly_as_if_it_were_alone(assets, demo_data):
+    """Packed rows must not see each other: the packed loss equals the loss of the rows one by one."""
+    tokenizer, model = load_tokenizer(assets / "model"), load_model(assets / "model")
+    rows = [encode_example(tokenizer, e, 64) for e in read_examples(demo_data.train)[:40]]  # 32 to 48 tokens
+    packs = pack_examples(rows, max_len=128)
+    assert len(packs) <= len(rows) / 2.5 and all(len(p["input_ids"]) <= 128 for p in packs)
+    assert sum(len(p["input_ids"]) for p in packs) == sum(len(r["input_ids"]) for r in rows)  # nothing lost
+
+    def summed_loss(batch: dict) -> tuple[float, int]:
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1]
+        targets = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
+        )
+        return loss.item(), int((targets != -100).sum())
+
+    with torch.no_grad():
+        packed_loss, packed_tokens = summed_loss(collate_packed(packs, tokenizer.pad_token_id))
+        alone = [summed_loss(collate([row], tokenizer.pad_token_id)) for row in rows]
+    assert packed_tokens == sum(tokens for _, tokens in alone)
+    assert packed_loss == pytest.approx(sum(loss for loss, _ in alone), rel=1e-4)
+
+
+def test_packing_and_gradient_checkpointing_train(assets, demo_data, tmp_path):
+    params = FinetuneParams(epochs=2, max_seq_len=128, packing=True, gradient_checkpointing=True)
+    result = finetune(params, str(assets / "model"), demo_data, tmp_path / "ft", tmp_path / "ckpt")
+    assert result.sequences <= result.trained_rows / 2.5  # several rows per sequence
+    assert result.loss_history[-1] < result.loss_history[0] * 0.5
+
+
+@pytest.mark.slow
+def test_two_zero2_ranks_train_like_one_process_survive_a_dead_rank_and_merge(
+    assets, demo_data, one_epoch_adapter, tmp_path
+):
+    """2 CPU ranks over gloo: same global batch, so the same losses as one process; a rank killed mid-run
+    stops every rank with a clear error, and the next attempt resumes from the DeepSpeed checkpoint."""
+    base = str(assets / "model")
+    params = FinetuneParams(epochs=1, checkpoint_steps=10, distributed=DistributedParams(processes=2, zero_stage=2))
+    folder = checkpoint_folder(params, base, demo_data, tmp_path / "ckpt")
+    thread, outcome = run_in_background(params, base, demo_data, tmp_path / "ft", tmp_path / "ckpt")
+    wait_for(folder / "checkpoint-10" / "trainer_state.json", thread)
+    ranks = training_processes()
+    rank_1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+    rank_1.send_signal(signal.SIGKILL)
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "a dead rank left the stage hanging"
+    assert isinstance(outcome.get("error"), TrainingFailed), outcome
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)  # rank 0 stopped too
+
+    result = finetune(params, base, demo_data, tmp_path / "ft", tmp_path / "ckpt")
+    assert result.world_size == 2 and result.resumed_from_step >= 10 and result.steps == one_epoch_adapter.steps
+    # Same data order and global batch as the single process: the losses agree until the resume point.
+    assert result.loss_history[:8] == pytest.approx(one_epoch_adapter.loss_history[:8], rel=1e-3)
+    assert result.loss_history[-1] < result.loss_history[0] * 0.5
+    merged = merge_adapter(MergeParams(), base, result, demo_data, tmp_path / "merged")
+    assert merged.max_logit_diff <= MergeParams().tolerance
+
+
+def test_a_missing_hostfile_is_a_clear_error(assets, demo_data, tmp_path):
+    params = FinetuneParams(distributed=DistributedParams(processes=2, hostfile=tmp_path / "hostfile"))
+    with pytest.raises(LLMOpsError, match="hostfile"):
+        finetune(params, str(assets / "model"), demo_data, tmp_path / "ft", tmp_path / "ckpt")

@@ -1,25 +1,13 @@
 import pytest
 import torch
 
-from llmops.config import FinetuneParams, MergeParams, ValidateParams
+from llmops.config import MergeParams
 from llmops.modeling import format_prompt, load_model, load_tokenizer
-from tasks.finetune import finetune
 from tasks.merge import MergeFidelityError, merge_adapter
-from tasks.validate import validate_dataset
 
 
-@pytest.fixture(scope="module")
-def trained(assets, tmp_path_factory):
-    data = validate_dataset(
-        ValidateParams(), str(assets / "model"), 64, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
-    ).require_valid()
-    folder = tmp_path_factory.mktemp("ft")
-    adapter = finetune(FinetuneParams(epochs=1), str(assets / "model"), data, folder / "ft", folder / "ckpt")
-    return data, adapter
-
-
-def test_merged_model_reproduces_the_adapter_model(assets, trained, tmp_path):
-    data, adapter = trained
+def test_merged_model_reproduces_the_adapter_model(assets, demo_data, one_epoch_adapter, tmp_path):
+    data, adapter = demo_data, one_epoch_adapter
     result = merge_adapter(MergeParams(), str(assets / "model"), adapter, data, tmp_path / "merged")
     assert 0 <= result.max_logit_diff <= MergeParams().tolerance
 
@@ -31,8 +19,8 @@ def test_merged_model_reproduces_the_adapter_model(assets, trained, tmp_path):
     assert not torch.allclose(merged(**ids).logits, base(**ids).logits, atol=1e-3)
 
 
-def test_fidelity_failure_stops_the_stage_and_writes_nothing(assets, trained, tmp_path):
-    data, adapter = trained
+def test_fidelity_failure_stops_the_stage_and_writes_nothing(assets, demo_data, one_epoch_adapter, tmp_path):
+    data, adapter = demo_data, one_epoch_adapter
     with pytest.raises(MergeFidelityError, match="merge.tolerance"):
         merge_adapter(MergeParams(tolerance=1e-12), str(assets / "model"), adapter, data, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
