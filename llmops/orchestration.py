@@ -1,4 +1,5 @@
-"""Turning a stage function into a Prefect task, cached on what actually determines its output."""
+"""Turning a stage function into a Prefect task, cached on what actually determines its output; and the
+stages' log records into the Prefect run that produced them."""
 
 from __future__ import annotations
 
@@ -6,16 +7,39 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
 from pydantic import BaseModel
 
 # Code every stage depends on besides its own module: a change here must invalidate every cache.
-_SHARED_MODULES = [Path(__file__).with_name(name) for name in ("modeling.py", "data.py", "files.py")]
+_SHARED_MODULES = [Path(__file__).with_name(name) for name in ("modeling.py", "data.py", "files.py", "training.py")]
+
+
+class _InsideARun(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _send_stage_logs_to_prefect() -> None:
+    """The stages log with the standard `logging` module (they never import Prefect). Inside a flow or task
+    run, their records also go to the run's logs on the Prefect API, so the UI shows them under the task
+    that logged them: the training ranks' progress under finetune. Outside a run they only print."""
+    handler = APILogHandler()
+    handler.addFilter(_InsideARun())
+    for name in ("tasks", "llmops"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:  # a flow-run process's root logger passes warnings only
+            logger.setLevel(logging.INFO)
+
+
+_send_stage_logs_to_prefect()
 
 
 # Where a stage writes, not what it computes from: excluded from the cache key.
@@ -57,9 +81,9 @@ def _fingerprint(path: Path) -> list[tuple[str, int, int]]:
     return [(str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
-def cached_stage(fn: Callable) -> Callable:
+def cached_stage(fn: Callable, **options: Any) -> Callable:
     """A Prefect task whose result is persisted and reused while inputs and code are unchanged."""
-    return task(fn, name=fn.__name__, cache_key_fn=stage_cache_key, persist_result=True)
+    return task(fn, name=fn.__name__, cache_key_fn=stage_cache_key, persist_result=True, **options)
 
 
 def stage(fn: Callable) -> Callable:

@@ -8,6 +8,7 @@ and checks the adapter they saved before anything downstream trusts it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -182,10 +183,8 @@ def _stop_group(process: subprocess.Popen) -> None:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             return  # the group is gone: every rank has exited
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _free_port() -> int:
@@ -209,7 +208,19 @@ def check_adapter(adapter_dir: Path, params: FinetuneParams) -> None:
             )
 
 
-finetune_task = cached_stage(finetune)
+def _training_crashed(task, task_run, state) -> bool:
+    """Retry a training that died (killed, out of memory, stalled), never bad input: the retry resumes from
+    the newest checkpoint the crashed attempt left."""
+    try:
+        state.result()
+    except TrainingFailed:
+        return True
+    except Exception:  # noqa: BLE001 - any other failure is not worth a retry
+        return False
+    return False
+
+
+finetune_task = cached_stage(finetune, retries=1, retry_condition_fn=_training_crashed)
 
 
 def main() -> None:

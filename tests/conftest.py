@@ -55,6 +55,15 @@ def one_epoch_adapter(assets, demo_data, tmp_path_factory):
     return finetune(FinetuneParams(epochs=1), str(assets / "model"), demo_data, folder / "ft", folder / "ckpt")
 
 
+def training_processes() -> list:
+    """The training processes (a single one, or the DeepSpeed ranks) this test process has started."""
+    import psutil
+
+    return [
+        p for p in psutil.Process().children(recursive=True) if "llmops.training" in " ".join(p.cmdline()[:4] or [""])
+    ]
+
+
 def write_params(folder: Path, assets: Path, **overrides) -> Path:
     """The shipped params.yaml, pointed at the session's assets and a private store, plus overrides
     given as `section__key=value`."""

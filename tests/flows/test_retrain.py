@@ -1,9 +1,16 @@
 """The retrain flow end to end on real Prefect (test harness), real MLflow (SQLite) and real tiny models."""
 
 import json
+import signal
+import threading
+import time
 from pathlib import Path
+from uuid import UUID
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
+from prefect.logging.handlers import APILogHandler
 from safetensors.torch import load_file
 
 from flows.reproduce import reproduce
@@ -15,7 +22,7 @@ from llmops.modeling import load_model
 from tasks.ingest import ingest_dataset
 from tasks.merge import MergeFidelityError
 from tasks.validate import InvalidData
-from tests.conftest import make_dvc_project
+from tests.conftest import make_dvc_project, training_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -74,6 +81,24 @@ def test_first_run_trains_every_stage_and_registers_a_champion(project):
     assert version.tags["lineage.params_hash"] == params.digest()
 
 
+def test_training_progress_streams_into_the_finetune_task_logs(project):
+    params_file, first = project
+    params = load_params(params_file)
+    run = tracking.client_for(params.tracking).get_run(first.mlflow_run_id)
+    APILogHandler().flush()  # send what is still queued
+    with get_client(sync_client=True) as client:
+        flow_run_id = UUID(run.data.tags["prefect_flow_run_id"])
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        finetune_runs = {
+            r.id
+            for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
+            if r.name.startswith("finetune")
+        }
+    progress = [log for log in logs if "[rank 0]" in log.message and "loss" in log.message]
+    assert len(progress) >= 10, [log.message for log in logs][-20:]
+    assert {log.task_run_id for log in progress} <= finetune_runs  # under the finetune task, in the UI too
+
+
 def test_unchanged_rerun_is_cached_and_gated_against_the_champion(project):
     params_file, first = project
     second = retrain(params_file=str(params_file), reason="test")
@@ -124,6 +149,33 @@ def test_a_two_rank_zero3_run_goes_through_every_stage(project):
         expected = (params.finetune.lora.r, layer.in_features)
         assert tuple(tensor.shape) == (expected if "lora_A" in name else (layer.out_features, expected[0])), name
     assert run.promotion.alias == "champion" or champion(params) == before
+
+
+def test_a_killed_training_is_retried_and_resumes_from_its_checkpoint(project):
+    """Prefect retries a finetune whose training process died (here kill -9, as the OOM killer does);
+    the retry resumes from the newest checkpoint and the run goes on to promote."""
+    params_file, _ = project
+    params = load_params(params_file)
+    killed = threading.Event()
+
+    def kill_training_at_step_40():
+        deadline = time.monotonic() + 300
+        while not killed.is_set() and time.monotonic() < deadline:
+            if list((params.work_dir / "checkpoints").glob("*/checkpoint-40/trainer_state.json")):
+                for process in training_processes():
+                    process.send_signal(signal.SIGKILL)
+                    killed.set()
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_training_at_step_40)
+    watcher.start()
+    overrides = {"finetune.seed": 1, "finetune.checkpoint_steps": 20}  # a new training, not a cached one
+    run = retrain(params_file=str(params_file), overrides=overrides, reason="test")
+    watcher.join()
+    assert killed.is_set()
+    client = tracking.client_for(params.tracking)
+    stage = json.loads(Path(client.download_artifacts(run.mlflow_run_id, "stages/finetune.json")).read_text())
+    assert stage["resumed_from_step"] >= 40 and run.stages[-1].name == "promote"
 
 
 def broken_run(case: str, tmp_path: Path) -> tuple[dict, type[Exception]]:

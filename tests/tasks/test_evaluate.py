@@ -7,16 +7,30 @@ from llmops.data import Example
 from tasks.evaluate import evaluate_models, score_model
 from tasks.validate import validate_dataset
 
+QUESTIONS = [
+    "What color is the tiger?",
+    "What kind of thing is the apple?",
+    "Tell me the color of the kettle.",
+    "Name the category of the canoe.",
+    "Classify the velvet.",
+    "Which color does the harbor have?",
+]
+
 
 def test_scores_follow_the_generations(assets):
-    # The base model knows the facts but not the format, so it rambles: exact match must be low,
-    # and asking it to reproduce its own greedy output must score perfectly.
-    model = assets / "model"
-    questions = [Example(prompt="What color is the tiger?", response="placeholder")]
-    own = score_model(EvaluateParams(max_new_tokens=6), model, questions).samples[0].generated
-    perfect = score_model(EvaluateParams(max_new_tokens=6), model, [Example("What color is the tiger?", own)])
+    # The base model knows the facts but not the format, so it rambles: asking it to reproduce its own
+    # greedy output must score perfectly. (Where it stops at once there are no words to score: skipped.)
+    model, params = assets / "model", EvaluateParams(max_new_tokens=6)
+    placeholders = [Example(prompt=q, response="placeholder") for q in QUESTIONS]
+    own = [
+        Example(q, s.generated)
+        for q, s in zip(QUESTIONS, score_model(params, model, placeholders).samples, strict=True)
+        if s.generated
+    ]
+    assert own, "the base model answered none of the questions with any words"
+    perfect = score_model(params, model, own)
     assert perfect.exact_match == 1.0 and perfect.rouge_l == pytest.approx(1.0) and perfect.bleu > 0.99
-    wrong = score_model(EvaluateParams(max_new_tokens=6), model, [Example("What color is the tiger?", "zebra")])
+    wrong = score_model(params, model, [Example(e.prompt, "zebra") for e in own])
     assert wrong.exact_match == 0.0 and wrong.rouge_l == 0.0
     assert wrong.perplexity > perfect.perplexity
 

@@ -17,6 +17,7 @@ from llmops.modeling import collate, encode_example, load_model, load_tokenizer
 from llmops.training import collate_packed, newest_complete_checkpoint, pack_examples
 from tasks.finetune import TrainingFailed, checkpoint_folder, finetune
 from tasks.merge import merge_adapter
+from tests.conftest import training_processes
 
 
 def test_lora_training_lowers_the_loss_and_saves_a_loadable_adapter(assets, demo_data, one_epoch_adapter):
@@ -54,12 +55,6 @@ def test_bad_input_found_by_the_training_process_is_a_clear_error(assets, demo_d
         finetune(FinetuneParams(max_seq_len=8), str(assets / "model"), demo_data, tmp_path / "ft", tmp_path / "ckpt")
     assert not isinstance(caught.value, TrainingFailed)
     assert not (tmp_path / "ft").exists() and not list(tmp_path.glob("ft.partial-*"))
-
-
-def training_processes() -> list[psutil.Process]:
-    return [
-        p for p in psutil.Process().children(recursive=True) if "llmops.training" in " ".join(p.cmdline()[:4] or [""])
-    ]
 
 
 def run_in_background(*args) -> tuple[threading.Thread, dict]:
@@ -178,6 +173,15 @@ def test_two_zero2_ranks_train_like_one_process_survive_a_dead_rank_and_merge(
     assert result.loss_history[-1] < result.loss_history[0] * 0.5
     merged = merge_adapter(MergeParams(), base, result, demo_data, tmp_path / "merged")
     assert merged.max_logit_diff <= MergeParams().tolerance
+
+
+def test_a_silent_training_is_stopped_after_the_timeout(assets, demo_data, tmp_path):
+    # Python and torch take over a second to start before a training process prints its first line, so a
+    # 0.6 s timeout always finds it silent: the stand-in for a rank hung in a collective.
+    params = FinetuneParams(distributed=DistributedParams(timeout_minutes=0.01))
+    with pytest.raises(TrainingFailed, match="printed nothing"):
+        finetune(params, str(assets / "model"), demo_data, tmp_path / "ft", tmp_path / "ckpt")
+    assert not training_processes() and not (tmp_path / "ft").exists()
 
 
 def test_a_missing_hostfile_is_a_clear_error(assets, demo_data, tmp_path):
