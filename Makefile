@@ -34,7 +34,7 @@ $(CHROMIUM):
 test-quick: setup
 	$(BIN)/pytest -q -m "not slow"
 
-# Side-by-side measurements (not tests): writes docs/BENCHMARKS.md and bench/results.json; ~15 min on 2 cores.
+# Side-by-side measurements (not tests): writes docs/BENCHMARKS.md and bench/results.json; ~8 min on 2 cores.
 bench: setup
 	$(BIN)/llmops bootstrap
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/run.py

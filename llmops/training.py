@@ -12,7 +12,6 @@ import bisect
 import json
 import logging
 import os
-import resource
 import sys
 import time
 from datetime import timedelta
@@ -59,15 +58,15 @@ class TrainingOutcome(BaseModel, frozen=True):
     sequences: int  # training sequences per epoch: rows, or packs of rows with packing on
     tokens: int  # non-padding tokens through the model, all ranks
     tokens_per_second: float  # of those, per second of training (start-up and saving excluded)
-    peak_memory_mb: float  # rank 0: GPU memory allocated on a GPU, the process's resident memory on a CPU
+    peak_memory_mb: float  # rank 0, while training: GPU memory allocated, or the process's resident memory
 
 
 def pack_examples(rows: list[dict], max_len: int) -> list[dict]:
     """Pack encoded rows into sequences of at most `max_len` tokens (best fit, longest rows first).
 
-    Positions restart at 0 for every row; the model turns restarting positions into a block-diagonal
-    causal mask, so no row attends to another and each row is scored exactly as if it were alone. Each row
-    starts with a masked label (its BOS or prompt), so no row is trained to predict the next row's start.
+    Positions restart at 0 for every row and `collate_packed` masks attention to each row, so every row is
+    scored exactly as if it were alone. Each row starts with a masked label (its BOS or prompt), so no row is
+    trained to predict the next row's start.
     """
     packs: list[list[dict]] = []
     free: list[tuple[int, int]] = []  # (tokens still free, pack index), sorted
@@ -92,24 +91,30 @@ def pack_examples(rows: list[dict], max_len: int) -> list[dict]:
     ]
 
 
-def collate_packed(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor | bool]:
-    """Right-pad packed sequences. There is no attention mask: the positions mark the rows, and the padding
-    tail gets positions of its own, so it forms a separate block that nothing real attends to.
+def collate_packed(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad packed sequences, with a block-diagonal causal mask: each token attends only to the tokens
+    before it in its own row, and positions restart at 0 for every row.
 
-    The batch turns the KV cache off: with a cache, transformers ignores the restarting positions and
-    every row would attend to the rows before it.
+    The mask is given whole (batch, 1, length, length) rather than derived by transformers from the
+    restarting positions: deriving it costs more than the attention itself on a CPU, and is skipped
+    altogether whenever the model keeps a KV cache.
     """
     width = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.arange(width).repeat(len(batch), 1)
+    position_ids = torch.zeros((len(batch), width), dtype=torch.long)
+    segment = torch.full((len(batch), width), -1, dtype=torch.long)  # which row of the pack; -1: padding
     for row, item in enumerate(batch):
         length = len(item["input_ids"])
         input_ids[row, :length] = torch.tensor(item["input_ids"])
         labels[row, :length] = torch.tensor(item["labels"])
         position_ids[row, :length] = torch.tensor(item["position_ids"])
-        position_ids[row, length:] = torch.arange(width - length)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "use_cache": False}
+        segment[row, :length] = (position_ids[row, :length] == 0).cumsum(0)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    same_row = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    # Padding attends to itself only, so no attention row is empty (an empty row would give NaN).
+    mask = (same_row & causal) | torch.eye(width, dtype=torch.bool)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask[:, None]}
 
 
 class _Batcher:
@@ -118,7 +123,7 @@ class _Batcher:
     def __init__(self, pad_token_id: int, packed: bool) -> None:
         self.pad_token_id, self.packed, self.tokens = pad_token_id, packed, 0
 
-    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor | bool]:
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         self.tokens += sum(len(item["input_ids"]) for item in batch)
         return (collate_packed if self.packed else collate)(batch, self.pad_token_id)
 
@@ -252,6 +257,7 @@ def train(job: TrainingJob) -> TrainingOutcome:
     resume_from = newest_complete_checkpoint(job.checkpoint_dir)
     if resume_from:
         log.info("resuming from %s", resume_from)
+    _reset_peak_memory(on_gpu)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
@@ -277,10 +283,19 @@ def train(job: TrainingJob) -> TrainingOutcome:
     )
 
 
+def _reset_peak_memory(on_gpu: bool) -> None:
+    """Start counting peak memory at training, after loading: the figure is what training needs."""
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the resident-set high-water mark
+
+
 def _peak_memory_mb(on_gpu: bool) -> float:
     if on_gpu:
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
 def main() -> None:
@@ -292,6 +307,7 @@ def main() -> None:
         stream=sys.stdout,
     )
     hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()  # a bar redrawn through a pipe arrives as one log line per redraw
     job = TrainingJob.model_validate_json(Path(sys.argv[1]).read_text())
     try:
         outcome = train(job)
