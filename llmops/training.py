@@ -263,7 +263,7 @@ def train(job: TrainingJob) -> TrainingOutcome:
     seconds = time.perf_counter() - started
     trainer.save_model(str(job.adapter_dir))  # collective: under ZeRO-3 it gathers the sharded adapter first
 
-    tokens = torch.tensor(float(batcher.tokens))
+    tokens = torch.tensor(float(batcher.tokens), device=args.device)  # NCCL reduces GPU tensors only
     if world_size > 1:
         torch.distributed.all_reduce(tokens)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -189,7 +189,10 @@ def test_a_custom_run_from_the_ui_completes_with_the_changed_parameter(platform)
         reason.locator("textarea").fill("ui-browser-test")
         page.screenshot(path=OUTPUT / "02-custom-run-form.png", full_page=True)
         page.get_by_role("button", name="Submit").click()
-        [created] = wait_until(lambda: retrain_runs(platform, "ui-browser-test"), 60, "the run the UI submitted")
+        try:  # a loaded CI machine can take a while to answer the UI's requests
+            [created] = wait_until(lambda: retrain_runs(platform, "ui-browser-test"), 180, "the run the UI submitted")
+        finally:
+            page.screenshot(path=OUTPUT / "02b-after-submit.png", full_page=True)  # what the UI said, if it failed
 
         run = finished(platform, created.id)
         page.goto(f"{platform.url}/runs/flow-run/{run.id}")
