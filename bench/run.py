@@ -180,18 +180,15 @@ def gptq_figures(demo) -> list[Figure]:
     adapter = finetune(FinetuneParams(), str(BASE), demo, WORK / "gptq-ft", WORK / "ckpt")
     merged = merge_adapter(MergeParams(), str(BASE), adapter, demo, WORK / "gptq-merged")
     quantized = quantize_model(QuantizeParams(), merged, demo, WORK / "gptq-quantized")
-    prompts = [e.prompt for e in read_examples(demo.eval)]
-    speed = {}
+    examples = read_examples(demo.eval)
+    prompts = [e.prompt for e in examples]
+    speed, perplexity = {}, {}
     for name, folder in (("gptq", quantized.model_dir), ("merged", merged.model_dir)):
         model, tokenizer = load_model(folder), load_tokenizer(folder)
         seconds, generations = timed(lambda: generate(model, tokenizer, prompts, max_new_tokens=24))  # noqa: B023
         new_tokens = sum(len(tokenizer(g.text, add_special_tokens=False)["input_ids"]) + 1 for g in generations)
         speed[name] = new_tokens / seconds
-    examples = read_examples(demo.eval)
-    perplexity = {
-        name: response_perplexity(load_model(folder), load_tokenizer(folder), examples, 512)
-        for name, folder in (("gptq", quantized.model_dir), ("merged", merged.model_dir))
-    }
+        perplexity[name] = response_perplexity(model, tokenizer, examples, 512)
     bits = f"{QuantizeParams().bits}-bit, group size {QuantizeParams().group_size}"
     return [
         Figure("gptq_quality", perplexity["gptq"], perplexity["merged"], "perplexity", f"eval responses; {bits}"),
