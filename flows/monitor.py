@@ -19,9 +19,11 @@ from llmops import tracking
 from llmops.config import DEFAULT_PARAMS, load_params
 from llmops.data import batch_files
 from llmops.errors import LLMOpsError
-from tasks.drift import DriftReport, champion_reference, drift_task
+from llmops.orchestration import stage
+from tasks.drift import DriftReport, champion_reference, detect_drift
 
 DRIFT_EVENT = "llmops.drift.detected"
+drift_task = stage(detect_drift)
 
 
 def dataset_resource(model_name: str) -> str:

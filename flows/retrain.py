@@ -17,17 +17,27 @@ from pydantic import BaseModel
 
 from llmops import tracking
 from llmops.config import DEFAULT_PARAMS, load_params
-from llmops.orchestration import stage
-from tasks.evaluate import ModelScores, evaluate_task
-from tasks.finetune import finetune_task
-from tasks.gate import GateDecision, gate_task
-from tasks.ingest import ingest_task
-from tasks.merge import merge_task
-from tasks.promote import Lineage, Promotion, promote_task
-from tasks.quantize import quantize_task
-from tasks.validate import validate_task
+from llmops.orchestration import cached_stage, stage
+from tasks.evaluate import ModelScores, evaluate_models
+from tasks.finetune import finetune, training_crashed
+from tasks.gate import GateDecision, decide
+from tasks.ingest import ingest_dataset
+from tasks.merge import merge_adapter
+from tasks.promote import Lineage, Promotion, promote
+from tasks.quantize import quantize_model
+from tasks.validate import validate_dataset
 
+# The stage functions as Prefect tasks. Finetune, merge and quantize are cached on their inputs and code;
+# a training that crashed (killed, out of memory, stalled) is retried once and resumes from its checkpoint.
+ingest_task = stage(ingest_dataset)
+validate_task = stage(validate_dataset)
+finetune_task = cached_stage(finetune, retries=1, retry_condition_fn=training_crashed)
+merge_task = cached_stage(merge_adapter)
+quantize_task = cached_stage(quantize_model)
 fetch_champion_task = stage(tracking.download_champion)
+evaluate_task = stage(evaluate_models)
+gate_task = stage(decide)
+promote_task = stage(promote)
 
 
 class RetrainSummary(BaseModel):

@@ -26,7 +26,6 @@ from llmops.data import Example, read_examples, restore_files
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir
 from llmops.modeling import EVAL_MAX_SEQ_LEN, format_prompt, load_model, load_tokenizer, response_perplexity
-from llmops.orchestration import stage
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +179,3 @@ def _plot_lengths(reference: list[int], incoming: list[int], path: Path) -> Path
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-drift_task = stage(detect_drift)

@@ -15,7 +15,6 @@ from llmops.config import EvaluateParams, dvc_stage_args
 from llmops.data import Example, read_examples
 from llmops.files import atomic_dir, load_result, save_result, write_json, write_stage_metadata
 from llmops.modeling import EVAL_MAX_SEQ_LEN, generate, load_model, load_tokenizer, response_perplexity
-from llmops.orchestration import stage
 from tasks.quantize import QuantizeResult
 from tasks.validate import DatasetRef
 
@@ -115,9 +114,6 @@ def evaluate_models(
         write_json(tmp / "eval_report.json", {k: v.model_dump(mode="json") if v else None for k, v in scores.items()})
         write_stage_metadata(tmp, "evaluate", params, dataset=data.model_dump(mode="json"))
     return EvalReport(**scores, report_file=out / "eval_report.json")
-
-
-evaluate_task = stage(evaluate_models)
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ from safetensors.torch import load_file
 from llmops.config import DistributedParams, FinetuneParams, dvc_stage_args
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_json, write_stage_metadata
-from llmops.orchestration import cached_stage
 from llmops.training import TrainingJob, TrainingOutcome
 from tasks.validate import DatasetRef
 
@@ -208,7 +207,7 @@ def check_adapter(adapter_dir: Path, params: FinetuneParams) -> None:
             )
 
 
-def _training_crashed(task, task_run, state) -> bool:
+def training_crashed(task, task_run, state) -> bool:
     """Retry a training that died (killed, out of memory, stalled), never bad input: the retry resumes from
     the newest checkpoint the crashed attempt left."""
     try:
@@ -218,9 +217,6 @@ def _training_crashed(task, task_run, state) -> bool:
     except Exception:  # noqa: BLE001 - any other failure is not worth a retry
         return False
     return False
-
-
-finetune_task = cached_stage(finetune, retries=1, retry_condition_fn=_training_crashed)
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ import math
 from pydantic import BaseModel
 
 from llmops.config import GateParams
-from llmops.orchestration import stage
 from tasks.evaluate import EvalReport
 from tasks.quantize import QuantizeResult
 
@@ -136,6 +135,3 @@ def decide(params: GateParams, report: EvalReport, quantization: QuantizeResult)
         )
     )
     return GateDecision(passed=all(c.passed for c in checks), checks=checks)
-
-
-gate_task = stage(decide)

@@ -19,7 +19,6 @@ from pydantic import BaseModel
 from llmops.config import ValidateParams
 from llmops.data import batch_files, dvc_root, parse_jsonl, track, tracked_version
 from llmops.errors import LLMOpsError
-from llmops.orchestration import stage
 from tasks.validate import DataReport, InvalidData, check_split
 
 
@@ -115,6 +114,3 @@ def ingest_dataset(
 
 def _with_newline(content: bytes) -> bytes:
     return content if content.endswith(b"\n") or not content else content + b"\n"
-
-
-ingest_task = stage(ingest_dataset)

@@ -18,7 +18,6 @@ from llmops.data import read_examples
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
 from llmops.modeling import load_model, load_tokenizer, max_logit_difference
-from llmops.orchestration import cached_stage
 from tasks.finetune import FinetuneResult
 from tasks.validate import DatasetRef
 
@@ -60,9 +59,6 @@ def merge_adapter(
             tmp, "merge", params, base_model=base_model, adapter=str(adapter.adapter_dir), max_logit_diff=diff
         )
     return MergeResult(model_dir=out, max_logit_diff=diff)
-
-
-merge_task = cached_stage(merge_adapter)
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from pydantic import BaseModel
 
 from llmops import tracking
 from llmops.config import RegistryParams, TrackingParams
-from llmops.orchestration import stage
 from tasks.gate import GateDecision
 
 
@@ -58,6 +57,3 @@ def promote(
     promotion = Promotion(model_name=registry.model_name, version=version, alias=alias)
     tracking.set_alias(tracking_params, registry, alias, version, reason)  # last: nothing can fail after it
     return promotion
-
-
-promote_task = stage(promote)

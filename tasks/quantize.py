@@ -26,7 +26,6 @@ from llmops.modeling import (
     load_tokenizer,
     response_perplexity,
 )
-from llmops.orchestration import cached_stage
 from tasks.merge import MergeResult
 from tasks.validate import DatasetRef
 
@@ -112,9 +111,6 @@ def quantize_model(params: QuantizeParams, merged: MergeResult, data: DatasetRef
         result.perplexity,
     )
     return result
-
-
-quantize_task = cached_stage(quantize_model)
 
 
 def main() -> None:

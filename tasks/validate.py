@@ -21,7 +21,6 @@ from llmops.data import FIELDS, Example, file_md5, parse_jsonl, tracked_version
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, save_result, write_json
 from llmops.modeling import format_prompt, load_tokenizer
-from llmops.orchestration import stage
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # GX would otherwise try to phone home, offline here
 import great_expectations as gx  # noqa: E402
@@ -339,9 +338,6 @@ def validate_dataset(
             check_split(params, base_model, max_seq_len, eval, docs_dir=docs_dir),
         ]
     )
-
-
-validate_task = stage(validate_dataset)
 
 
 def main() -> None:
