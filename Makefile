@@ -35,9 +35,10 @@ test-quick: setup
 	$(BIN)/pytest -q -m "not slow"
 
 # Side-by-side measurements (not tests): writes docs/BENCHMARKS.md and bench/results.json; ~8 min on 2 cores.
+# `make bench ONLY=gptq,flow` re-measures some groups and keeps the other rows.
 bench: setup
 	$(BIN)/llmops bootstrap
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/run.py
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/run.py $(if $(ONLY),--only $(ONLY))
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

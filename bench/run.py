@@ -7,6 +7,7 @@ with a larger model, plus model FLOPs utilisation.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import random
@@ -300,44 +301,63 @@ def _list(values: list[float]) -> str:
     return ", ".join(f"{v:.0f}" for v in values)
 
 
-def write_report(figures: list[Figure], seconds: float) -> None:
-    results = [{**asdict(f), "ratio": round(f.ratio, 4)} for f in figures]
-    (PROJECT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+def write_report(figures: list[Figure]) -> None:
+    """Merge `figures` into `bench/results.json` (a row of the same name is replaced) and rewrite the docs
+    page from all rows, so a run of some groups (`--only`) keeps the others' last measurements."""
+    results_file = PROJECT / "bench" / "results.json"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    now = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    fresh = {f.name: {**asdict(f), "ratio": round(f.ratio, 4), "measured": now, "device": gpu} for f in figures}
+    old = json.loads(results_file.read_text()) if results_file.exists() else []
+    results = [fresh.pop(row["name"], row) for row in old] + list(fresh.values())
+    results_file.write_text(json.dumps(results, indent=2) + "\n")
     packages = ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "peft", "deepspeed", "gptqmodel"))
     lines = [
         "# Benchmarks",
         "",
         "Written by `make bench` (`bench/run.py`); the same figures are in `bench/results.json`. Each figure is a",
-        "ratio of two measurements taken side by side in one run on one machine.",
+        "ratio of two measurements taken side by side in one run on one machine. `bench/run.py --only GROUP,...`",
+        "re-measures some groups and keeps the other rows.",
         "",
-        f"- Run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {seconds / 60:.0f} minutes",
-        f"- Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, GPU: {gpu}",
+        f"- Last run: {now} on {platform.machine()}, {torch.get_num_threads()} CPU threads, device: {gpu}",
         f"- Python {platform.python_version()}, {packages}",
         "",
-        "| benchmark | ours | baseline | ratio | unit | what was measured |",
-        "|---|---:|---:|---:|---|---|",
-        *(f"| {f.name} | {f.ours:.4g} | {f.baseline:.4g} | {f.ratio:.3f} | {f.unit} | {f.detail} |" for f in figures),
+        "| benchmark | ours | baseline | ratio | unit | device | measured | what was measured |",
+        "|---|---:|---:|---:|---|---|---|---|",
+        *(
+            f"| {r['name']} | {r['ours']:.4g} | {r['baseline']:.4g} | {r['ratio']:.3f} | {r['unit']} | "
+            f"{r.get('device', 'cpu')} | {r.get('measured', '')} | {r['detail']} |"
+            for r in results
+        ),
         "",
     ]
-    if gpu == "none":
-        lines += ["No CUDA GPU here: the GPU rows (bf16 LoRA, bitsandbytes CUDA QLoRA, MFU) were not run.", ""]
     (PROJECT / "docs").mkdir(exist_ok=True)
     (PROJECT / "docs" / "BENCHMARKS.md").write_text("\n".join(lines))
 
 
+# Each group measures a few figures; `--only` picks groups by name.
+GROUPS = {
+    "finetune": lambda demo: [finetune_throughput(demo)],
+    "packing": lambda demo: [packing_throughput()],
+    "qlora": lambda demo: qlora_memory(demo, medium_model(WORK / "model-57m", hidden=768, layers=8)),
+    "gptq": gptq_figures,
+    "flow": lambda demo: flow_figures(),
+    "gpu": lambda demo: gpu_figures(demo) if torch.cuda.is_available() else [],
+}
+
+
 def main() -> None:
-    started = time.perf_counter()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups of {', '.join(GROUPS)}")
+    chosen = parser.parse_args().only.split(",")
+    unknown = sorted(set(chosen) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
     shutil.rmtree(WORK, ignore_errors=True)  # a cache left by the last bench would fake the first-run times
     WORK.mkdir(parents=True)
     demo = dataset(PROJECT / "data/demo/train.jsonl", PROJECT / "data/demo/eval.jsonl")
-    figures = [finetune_throughput(demo), packing_throughput()]
-    figures += qlora_memory(demo, medium_model(WORK / "model-57m", hidden=768, layers=8))
-    figures += gptq_figures(demo)
-    figures += flow_figures()
-    if torch.cuda.is_available():
-        figures += gpu_figures(demo)
-    write_report(figures, time.perf_counter() - started)
+    figures = [figure for group in chosen for figure in GROUPS[group](demo)]
+    write_report(figures)
     for figure in figures:
         print(f"{figure.name:24} ours {figure.ours:10.4g}  baseline {figure.baseline:10.4g}  ratio {figure.ratio:.3f}")
 
