@@ -22,7 +22,14 @@ from tasks.validate import validate_dataset
 params = load_params(Path(sys.argv[1]))
 out = params.work_dir / "plain"
 data = validate_dataset(
-    params.validate_, params.model.base, params.finetune.max_seq_len, params.data.train, params.data.eval
+    params.validate_,
+    params.model.base,
+    params.finetune.max_seq_len,
+    params.data.train,
+    params.data.eval,
+    out=out / "validate",
+    excess_length=params.data.excess_length,
+    chat_template=params.data.chat_template,
 ).require_valid()
 adapter = finetune(params.finetune, params.model.base, data, out / "finetune", params.work_dir / "checkpoints")
 merged = merge_adapter(params.merge, params.model.base, adapter, data, out / "merge")

@@ -26,7 +26,7 @@ import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llmops.config import FinetuneParams, MergeParams, QuantizeParams, ValidateParams
-from llmops.data import Example, read_examples, write_jsonl
+from llmops.data import Conversation, read_conversations, write_jsonl
 from llmops.modeling import folder_size_bytes, generate, load_model, load_tokenizer, response_perplexity
 from tasks.bootstrap import world
 from tasks.finetune import finetune
@@ -104,7 +104,7 @@ def variable_length_data(folder: Path, rows: int = 600) -> tuple[Path, Path]:
     for index in range(rows):
         chosen = rng.sample(entities, rng.randint(1, 12))
         examples.append(
-            Example(
+            Conversation.from_pair(
                 prompt=f"Request {index}: give the color of the " + ", the ".join(chosen) + ".",
                 response=" ".join(f"the {e} is {facts[e]['color']}." for e in chosen),
             )
@@ -181,7 +181,7 @@ def gptq_figures(demo) -> list[Figure]:
     adapter = finetune(FinetuneParams(), str(BASE), demo, WORK / "gptq-ft", WORK / "ckpt")
     merged = merge_adapter(MergeParams(), str(BASE), adapter, demo, WORK / "gptq-merged")
     quantized = quantize_model(QuantizeParams(), merged, demo, WORK / "gptq-quantized")
-    examples = read_examples(demo.eval)
+    examples = read_conversations(demo.eval)
     prompts = [e.prompt for e in examples]
     speed, perplexity = {}, {}
     for name, folder in (("gptq", quantized.model_dir), ("merged", merged.model_dir)):

@@ -50,7 +50,7 @@ def reproduce(version: str, params_file: str = str(DEFAULT_PARAMS)) -> Reproduct
     splits = [Path(lineage["dataset"][split]) for split in ("train", "eval")]
     train, eval_ = restore_files(record, Path(lineage["dataset"]["dvc_file"]), splits)
     original = lineage["params"]
-    original["data"] = {"train": str(train), "eval": str(eval_)}
+    original["data"] = {**original["data"], "train": str(train), "eval": str(eval_)}
     original["registry"]["model_name"] = f"{params.registry.model_name}-reproductions"
     rerun_params = params.work_dir / "reproductions" / f"v{version}.yaml"  # logged params are absolute paths
     rerun_params.parent.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,8 @@ def retrain(
                 params.data.eval,
                 mode="append",
                 archive=True,
+                excess_length=params.data.excess_length,
+                chat_template=params.data.chat_template,
             )
         validation = run.stage(
             "validate",
@@ -102,14 +104,19 @@ def retrain(
             params.data.train,
             params.data.eval,
             docs_dir=run_dir / "data_docs",
+            out=run_dir / "validate",  # the cleaned splits: what trains and evaluates
+            excess_length=params.data.excess_length,
+            chat_template=params.data.chat_template,
         )
         run.log_text(validation.to_markdown(), "data_validation.md")
+        run.log_metrics({f"data.{s.path.stem}.{k}": v for s in validation.splits for k, v in s.counts().items()})
         run.log_artifacts(run_dir / "data_docs", "data_docs")
         create_markdown_artifact(validation.to_markdown(), key="data-validation", description="Data validation")
         data = validation.require_valid()  # bad data stops the run here, before anything trains
         run.set_tags(data.lineage_tags())
         if data.dvc_file:
             run.log_file(data.dvc_file, "dataset.dvc")  # with it, `dvc pull` restores this exact data
+        run.log_artifacts(run_dir / "validate", "data_cleaned")  # the exact rows that trained and evaluated
         adapter = run.stage(
             "finetune",
             finetune_task,

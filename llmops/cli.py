@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, handler, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(command=handler, name=name)
+        # Also after the subcommand; SUPPRESS keeps the value given before it when this one is absent.
+        sub.add_argument("--params", type=Path, default=argparse.SUPPRESS, help="params file (default params.yaml)")
         if json_flag:
             sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         return sub
@@ -82,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         help="override a params.yaml value for this run, e.g. finetune.learning_rate=1e-3",
     )
     run.add_argument("--reason", default="manual", help="why this run happens (recorded as lineage)")
-    validate = command("validate", cmd_validate, "check a JSONL dataset file; exit 1 if it is invalid")
-    validate.add_argument("--data", type=Path, required=True, help="the JSONL file to check")
+    validate = command("validate", cmd_validate, "clean and check a JSONL dataset file; exit 1 if it is invalid")
+    validate.add_argument("--data", type=Path, required=True, help="the JSONL file to check (any accepted shape)")
     validate.add_argument("--against", type=Path, help="an eval split to check the file's prompts for leakage into")
     ingest = command("ingest", cmd_ingest, "validate new rows, fold them into the training set, version it")
     ingest.add_argument("--data", type=Path, required=True, help="JSONL file of new rows")
@@ -171,14 +173,29 @@ def _print_summary(summary: Any, params: Params) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from llmops.chat import load_chat_template
     from tasks.validate import check_split
 
     params = load_params(args.params)
-    report = check_split(params.validate_, params.model.base, params.finetune.max_seq_len, args.data, args.against)
+    report = check_split(
+        params.validate_,
+        params.model.base,
+        params.finetune.max_seq_len,
+        args.data,
+        args.against,
+        excess_length=params.data.excess_length,
+        chat_template=load_chat_template(params.data.chat_template),
+    )
     if args.json:
-        print(json.dumps({"ok": report.ok, "problems": report.problems(), **report.model_dump(mode="json")}))
+        summary = {"ok": report.ok, "verdict": report.verdict, "dropped_rows": report.dropped_rows}
+        print(json.dumps({**summary, "problems": report.problems(), **report.model_dump(mode="json")}))
     else:
-        print(f"{args.data}: {report.rows} rows, {'valid' if report.ok else 'INVALID'}")
+        print(
+            f"{args.data}: {report.format or 'no known'} format, {report.rows_read} rows read, {report.rows} kept, "
+            f"{'valid' if report.ok else 'INVALID'}"
+        )
+        for line in report.cleaning_lines():
+            print(f"  {line}")
         for problem in report.problems():
             print(f"  - {problem}")
     return 0 if report.ok else 1
@@ -196,6 +213,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         params.data.train,
         params.data.eval,
         args.mode,
+        excess_length=params.data.excess_length,
+        chat_template=params.data.chat_template,
     )
     if args.json:
         print(json.dumps({"ok": True, **result.model_dump(mode="json")}))

@@ -37,8 +37,22 @@ class ModelParams(Section):
 
 
 class DataParams(Section):
-    train: Path = Field(Path("data/demo/train.jsonl"), description="Training split, JSONL of prompt/response.")
-    eval: Path = Field(Path("data/demo/eval.jsonl"), description="Held-out evaluation split, same format.")
+    """The dataset: JSONL in one of five shapes per file (messages, ShareGPT conversations, prompt/response,
+    prompt/completion, Alpaca instruction/input/output), read as conversations."""
+
+    train: Path = Field(Path("data/demo/train.jsonl"), description="Training split, JSONL conversations.")
+    eval: Path = Field(Path("data/demo/eval.jsonl"), description="Held-out evaluation split, any accepted shape.")
+    excess_length: Literal["drop", "truncate_prompt", "raise"] = Field(
+        "drop",
+        description="Conversations longer than finetune.max_seq_len: `drop` them (counted in the report), "
+        "`truncate_prompt` (keep the whole last answer, drop the earliest turns, then cut the start of the last "
+        "question), or `raise` (the split fails).",
+    )
+    chat_template: Path | None = Field(
+        None,
+        description="A Jinja chat template file that replaces the tokenizer's own. Unset: the tokenizer's "
+        "template, or the project's plain one when it has none.",
+    )
 
 
 class BootstrapParams(Section):
@@ -50,6 +64,9 @@ class BootstrapParams(Section):
     num_layers: int = Field(4, ge=1, description="Transformer blocks.")
     num_heads: int = Field(4, ge=1, description="Attention heads; must divide hidden_size.")
     pretrain_steps: int = Field(600, ge=1, description="Steps of language-model pre-training on the corpus.")
+    max_position_embeddings: int = Field(
+        2048, ge=64, description="Longest sequence the model takes; rotary positions make room free."
+    )
     eval_fraction: float = Field(0.15, gt=0, lt=1, description="Share of the demo rows held out for eval.")
 
     @model_validator(mode="after")
@@ -64,15 +81,27 @@ class ValidateParams(Section):
 
     min_rows: int = Field(10, ge=1, description="Fewest rows a split may have.")
     max_line_bytes: int = Field(1_000_000, ge=100, description="Longer lines are rejected without being read.")
-    min_response_chars: int = Field(2, ge=1, description="Shortest acceptable response, in characters.")
+    min_response_chars: int = Field(
+        2, ge=1, description="Conversations with a shorter (or empty) assistant turn are dropped, in characters."
+    )
     max_prompt_tokens: int = Field(2048, ge=1, description="Longest acceptable prompt, in tokens.")
     max_response_tokens: int = Field(2048, ge=1, description="Longest acceptable response, in tokens.")
-    max_truncated_ratio: float = Field(
-        0.0, ge=0, le=1, description="Share of rows whose EOS may be cut off by finetune.max_seq_len."
+    max_dropped_ratio: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="The split fails when cleaning drops a larger share of its rows (duplicates, copies of eval "
+        "rows, short answers, excess length). A few percent is export noise; a tenth means something upstream "
+        "is broken (a wrong field mapping, a doubled file, max_seq_len far too small).",
     )
-    max_duplicate_ratio: float = Field(0.01, ge=0, le=1, description="Share of rows that may repeat an earlier row.")
     max_leakage_ratio: float = Field(
         0.0, ge=0, le=1, description="Share of training prompts that may also appear in the eval split."
+    )
+    pii: Literal["redact", "fail", "allow"] = Field(
+        "redact",
+        description="E-mail addresses, phone numbers and card numbers: `redact` replaces them with "
+        "[REDACTED:<kind>] in the cleaned split (the model cannot memorise them, the row still trains), `fail` "
+        "rejects the split, `allow` keeps them. Counted in the report either way.",
     )
 
 
@@ -138,7 +167,9 @@ class FinetuneParams(Section):
         description="Sequences per forward pass on each rank; gradients accumulate up to batch_size. "
         "Unset: batch_size / ranks.",
     )
-    max_seq_len: int = Field(64, ge=8, description="Prompt + response tokens kept per example.")
+    max_seq_len: int = Field(
+        1024, ge=8, description="Tokens per conversation; longer ones are handled by data.excess_length."
+    )
     packing: bool = Field(
         False,
         description="Pack several examples into each max_seq_len sequence (attention and positions stay per "
@@ -392,7 +423,13 @@ def _resolve(params: Params, root: Path) -> Params:
     return params.model_copy(
         update={
             "model": params.model.model_copy(update={"base": base}),
-            "data": DataParams(train=anchored(params.data.train), eval=anchored(params.data.eval)),
+            "data": params.data.model_copy(
+                update={
+                    "train": anchored(params.data.train),
+                    "eval": anchored(params.data.eval),
+                    "chat_template": params.data.chat_template and anchored(params.data.chat_template),
+                }
+            ),
             "finetune": _anchor_hostfile(params.finetune, anchored),
             "monitor": params.monitor.model_copy(update={"incoming": anchored(params.monitor.incoming)}),
             "tracking": params.tracking.model_copy(update={"uri": uri, "artifact_location": artifact_location}),

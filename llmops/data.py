@@ -1,8 +1,9 @@
-"""The instruction dataset: JSONL rows of `{"prompt": ..., "response": ...}`, and its content hash.
+"""Training data: JSONL rows in any of five shapes, read into one conversation type; the dataset reference
+the stages pass along; and its versioning with DVC.
 
-Parsing is structural only (is each line a JSON object with string fields?) and never loads more than one
-line at a time, so a multi-gigabyte or binary file is reported on, not read into memory. What the rows
-say is judged by the Great Expectations suite in `tasks/validate.py`.
+Parsing is structural only (is each line a JSON object of a known shape, with string contents?) and never
+loads more than one line at a time, so a multi-gigabyte or binary file is reported on, not read into memory.
+What the rows say is judged by the Great Expectations suite in `tasks/validate.py`.
 """
 
 from __future__ import annotations
@@ -13,22 +14,75 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel
 
 from llmops.errors import LLMOpsError
 
-FIELDS = ("prompt", "response")
+Role = Literal["system", "user", "assistant"]
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Each accepted row shape, with a one-line example (the error for a row of no known shape lists them).
+FORMATS = {
+    "messages": '{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}',
+    "sharegpt": '{"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}',
+    "prompt_response": '{"prompt": "...", "response": "..."}',
+    "prompt_completion": '{"prompt": "...", "completion": "..."}',
+    "alpaca": '{"instruction": "...", "input": "..." (optional), "output": "..."}',
+}
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
-class Example:
-    prompt: str
-    response: str
+class Turn:
+    role: Role
+    content: str
+
+    def as_message(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat: optional system turn, then user and assistant turns, ending on an assistant turn."""
+
+    turns: tuple[Turn, ...]
+
+    @classmethod
+    def from_pair(cls, prompt: str, response: str, system: str | None = None) -> Conversation:
+        head = (Turn("system", system),) if system is not None else ()
+        return cls(head + (Turn("user", prompt), Turn("assistant", response)))
+
+    @property
+    def prompt(self) -> tuple[Turn, ...]:
+        """Everything before the last assistant turn: what a model is given to answer."""
+        return self.turns[: self._last_assistant()]
+
+    @property
+    def reference(self) -> str:
+        """The last assistant turn: the answer evaluation compares a generation with."""
+        return self.turns[self._last_assistant()].content
+
+    @property
+    def last_user(self) -> str:
+        return next((t.content for t in reversed(self.prompt) if t.role == "user"), "")
+
+    def _last_assistant(self) -> int:
+        return max(i for i, t in enumerate(self.turns) if t.role == "assistant")
+
+    def key(self, turns: Sequence[Turn] | None = None) -> str:
+        """Hash of the normalized conversation (or of `turns`): whitespace runs collapsed, ends stripped."""
+        normal = [(t.role, " ".join(t.content.split())) for t in (self.turns if turns is None else turns)]
+        return hashlib.sha256(json.dumps(normal).encode()).hexdigest()
+
+    def to_row(self) -> dict[str, Any]:
+        return {"messages": [t.as_message() for t in self.turns]}
 
 
 @dataclass(frozen=True)
@@ -40,31 +94,42 @@ class RowProblem:
         return f"line {self.line}: {self.problem}" if self.line else self.problem
 
 
-def parse_jsonl(path: Path, max_line_bytes: int = 1_000_000) -> tuple[list[tuple[int, Example]], list[RowProblem]]:
+@dataclass
+class ParsedFile:
+    """What a JSONL file holds: its detected format, the conversations with their line numbers, and what
+    is structurally wrong (line by line)."""
+
+    format: str | None = None
+    rows: list[tuple[int, Conversation]] = field(default_factory=list)
+    problems: list[RowProblem] = field(default_factory=list)
+
+
+def parse_jsonl(path: Path, max_line_bytes: int = 1_000_000) -> ParsedFile:
     """Read every row with its line number, collecting what is structurally wrong instead of stopping.
+
+    The format is detected from the first row of a known shape; a row of another shape is a problem
+    (one file, one format). A UTF-8 byte-order mark and CRLF line ends are accepted.
 
     Raises:
         LLMOpsError: the file does not exist or is not a regular file.
     """
     if not path.is_file():
         raise LLMOpsError(f"Dataset file {path} not found. Check the path (data.train / data.eval in params.yaml).")
+    parsed = ParsedFile()
     with path.open("rb") as handle:
-        head = handle.read(8192)
+        head = handle.read(8192).removeprefix(_BOM)
     if not head.strip():
-        return [], [RowProblem(0, "the file is empty")]
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return [], [RowProblem(0, "the file is UTF-16 encoded; save it as UTF-8")]
-    if b"\x00" in head:
-        return [], [RowProblem(0, "the file is binary, not JSON Lines text")]
-    if head.lstrip().startswith(b"["):
-        return [], [
-            RowProblem(
-                0,
-                "the file is one JSON array; JSON Lines needs one object per line (convert it with: jq -c '.[]' FILE)",
-            )
-        ]
-    rows: list[tuple[int, Example]] = []
-    problems: list[RowProblem] = []
+        parsed.problems.append(RowProblem(0, "the file is empty"))
+    elif head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        parsed.problems.append(RowProblem(0, "the file is UTF-16 encoded; save it as UTF-8"))
+    elif b"\x00" in head:
+        parsed.problems.append(RowProblem(0, "the file is binary, not JSON Lines text"))
+    elif head.lstrip().startswith(b"["):
+        message = "the file is one JSON array; JSON Lines needs one object per line (convert it with: jq -c '.[]' FILE)"
+        parsed.problems.append(RowProblem(0, message))
+    if parsed.problems:
+        return parsed
+    first_line = 0
     with path.open("rb") as handle:
         number = 0
         while raw := handle.readline(max_line_bytes + 1):
@@ -72,40 +137,182 @@ def parse_jsonl(path: Path, max_line_bytes: int = 1_000_000) -> tuple[list[tuple
             if len(raw) > max_line_bytes:
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the over-long line unread
                     raw = handle.readline(max_line_bytes)
-                problems.append(RowProblem(number, f"longer than validate.max_line_bytes={max_line_bytes}"))
+                parsed.problems.append(RowProblem(number, f"longer than validate.max_line_bytes={max_line_bytes}"))
                 continue
-            if raw.strip():
-                row, problem = _parse_line(raw, truncated=not raw.endswith(b"\n"))
-                rows.extend([(number, row)] if row else [])
-                problems.extend([RowProblem(number, problem)] if problem else [])
-    return rows, problems
+            raw = raw.removeprefix(_BOM) if number == 1 else raw
+            if not raw.strip():
+                continue
+            row, shape, problem = _parse_line(raw, truncated=not raw.endswith(b"\n"), expected=parsed.format)
+            if shape and parsed.format is None:
+                parsed.format, first_line = shape, number
+            elif shape and shape != parsed.format:
+                problem = (
+                    f"a row in the {shape} shape, but the file's format is {parsed.format} (detected from line "
+                    f"{first_line}); one file holds one format: convert the file to a single shape"
+                )
+                row = None
+            parsed.rows.extend([(number, row)] if row else [])
+            parsed.problems.extend([RowProblem(number, problem)] if problem else [])
+    return parsed
 
 
-def _parse_line(raw: bytes, truncated: bool) -> tuple[Example | None, str | None]:
+def detect_shape(row: dict[str, Any], expected: str | None = None) -> str | None:
+    """Which accepted shape a row's keys say it is in (None: no known shape)."""
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row or "output" in row:
+        return "alpaca"
+    if "completion" in row:
+        return "prompt_completion"
+    if "response" in row:
+        return "prompt_response"
+    if "prompt" in row:  # a prompt alone: the shape the file has, with a field missing
+        return expected if expected in ("prompt_response", "prompt_completion") else "prompt_response"
+    return None
+
+
+def _parse_line(
+    raw: bytes, truncated: bool, expected: str | None
+) -> tuple[Conversation | None, str | None, str | None]:
+    """(conversation, shape, problem) of one line."""
     try:
         row = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        return None, "not valid UTF-8"
+        return None, None, "not valid UTF-8"
     except json.JSONDecodeError as exc:
         hint = " (the file looks truncated)" if truncated else ""
-        return None, f"not valid JSON ({exc.msg}){hint}"
+        return None, None, f"not valid JSON ({exc.msg}){hint}"
     if not isinstance(row, dict):
-        return None, f"expected a JSON object, got {type(row).__name__}"
-    missing = [key for key in FIELDS if row.get(key) is None]
+        return None, None, f"expected a JSON object, got {type(row).__name__}"
+    shape = detect_shape(row, expected)
+    if shape is None:
+        accepted = "; ".join(f"{name}: {example}" for name, example in FORMATS.items())
+        return None, None, f"a row of no known shape (keys: {', '.join(sorted(row)) or 'none'}); accepted: {accepted}"
+    if shape != expected and expected is not None:
+        return None, shape, None  # the caller reports the mix
+    try:
+        return _READERS[shape](row), shape, None
+    except ValueError as exc:
+        return None, shape, str(exc)
+
+
+def _pair(row: dict[str, Any], prompt_key: str, response_key: str) -> Conversation:
+    fields = (prompt_key, response_key)
+    missing = [key for key in fields if row.get(key) is None]
     if missing:
-        return None, f"missing field(s): {', '.join(missing)}"
-    wrong = [f"{key} is {type(row[key]).__name__}" for key in FIELDS if not isinstance(row[key], str)]
+        raise ValueError(f"missing field(s): {', '.join(missing)}")
+    wrong = [f"{key} is {type(row[key]).__name__}" for key in fields if not isinstance(row[key], str)]
     if wrong:
-        return None, f"fields must be strings ({', '.join(wrong)})"
-    return Example(prompt=row["prompt"], response=row["response"]), None
+        raise ValueError(f"fields must be strings ({', '.join(wrong)})")
+    return Conversation.from_pair(row[prompt_key], row[response_key])
 
 
-def read_examples(path: Path) -> list[Example]:
-    """Read a dataset that is known to be valid (it passed the validate stage)."""
-    rows, problems = parse_jsonl(path)
-    if problems:
-        raise LLMOpsError(f"{path} has malformed rows ({problems[0]}); run `llmops validate --data {path}`.")
-    return [example for _, example in rows]
+def _alpaca(row: dict[str, Any]) -> Conversation:
+    missing = [key for key in ("instruction", "output") if row.get(key) is None]
+    if missing:
+        raise ValueError(f"missing field(s): {', '.join(missing)}")
+    extra = row.get("input") or ""
+    wrong = [f"{k} is {type(v).__name__}" for k, v in (("instruction", row["instruction"]), ("input", extra),
+             ("output", row["output"])) if not isinstance(v, str)]  # fmt: skip
+    if wrong:
+        raise ValueError(f"fields must be strings ({', '.join(wrong)})")
+    prompt = f"{row['instruction']}\n\n{extra}" if extra.strip() else row["instruction"]
+    return Conversation.from_pair(prompt, row["output"])
+
+
+def _turns(items: Any, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> Conversation:
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{key} must be a non-empty list of turns")
+    turns = []
+    for index, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            raise ValueError(f"{key} turn {index} is {type(item).__name__}, expected an object")
+        role, content = item.get(role_key), item.get(content_key)
+        if role not in roles:
+            raise ValueError(
+                f"{key} turn {index} has unknown {role_key} {role!r} (accepted: {', '.join(sorted(roles))})"
+            )
+        if not isinstance(content, str):
+            raise ValueError(f"{key} turn {index}: {content_key} is {type(content).__name__}, must be a string")
+        turns.append(Turn(roles[role], content))
+    if any(t.role == "system" for t in turns[1:]):
+        raise ValueError(f"{key}: a system turn may only come first")
+    if next((t.role for t in turns if t.role != "system"), "user") != "user":
+        raise ValueError(f"{key}: the first turn after the system turn must be the user's")
+    if not any(t.role == "assistant" for t in turns):
+        raise ValueError(f"{key} has no assistant turn: nothing to learn from")
+    if turns[-1].role != "assistant":
+        raise ValueError(f"{key} ends on a {turns[-1].role} turn; the last turn must be the assistant's")
+    return Conversation(tuple(turns))
+
+
+_READERS = {
+    "messages": lambda row: _turns(row["messages"], "messages", "role", "content", {r: r for r in ROLES}),
+    "sharegpt": lambda row: _turns(row["conversations"], "conversations", "from", "value", SHAREGPT_ROLES),
+    "prompt_response": lambda row: _pair(row, "prompt", "response"),
+    "prompt_completion": lambda row: _pair(row, "prompt", "completion"),
+    "alpaca": _alpaca,
+}
+
+
+def read_conversations(path: Path) -> list[Conversation]:
+    """Read a dataset that is known to be valid (it passed the validate stage), in any accepted shape."""
+    parsed = parse_jsonl(path)
+    if parsed.problems:
+        raise LLMOpsError(f"{path} has malformed rows ({parsed.problems[0]}); run `llmops validate --data {path}`.")
+    return [conversation for _, conversation in parsed.rows]
+
+
+def write_jsonl(path: Path, conversations: Sequence[Conversation]) -> None:
+    """Write conversations in the `messages` shape."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for conversation in conversations:
+            handle.write(json.dumps(conversation.to_row(), ensure_ascii=False) + "\n")
+
+
+class DatasetRef(BaseModel, frozen=True):
+    """A validated dataset: the cleaned splits that train and evaluate, and the raw files they came from.
+
+    Lineage records both: the raw data's DVC version (or content hash) and the cleaned splits' hashes.
+    """
+
+    train: Path  # the cleaned training split (what trains)
+    eval: Path  # the cleaned eval split
+    train_rows: int
+    eval_rows: int
+    train_md5: str  # of the cleaned files
+    eval_md5: str
+    raw_train: Path | None = None  # the files as given (the cleaned ones when nothing changed)
+    raw_eval: Path | None = None
+    raw_train_md5: str | None = None
+    raw_eval_md5: str | None = None
+    dropped: dict[str, int] = {}  # rows removed by cleaning, by reason, both splits
+    chat_template: str | None = None  # data.chat_template's Jinja text, when set
+    dvc_file: Path | None = None  # the .dvc file tracking the training data, when it is DVC-tracked
+    dvc_version: str | None = None  # the hash that .dvc file records
+
+    @property
+    def digest(self) -> str:
+        """The dataset's version for lineage: DVC's hash when tracked, else the two raw splits' content hashes."""
+        train, eval_ = self.raw_train_md5 or self.train_md5, self.raw_eval_md5 or self.eval_md5
+        return self.dvc_version or f"{train[:16]}{eval_[:16]}"
+
+    def lineage_tags(self) -> dict[str, str]:
+        return {
+            "dataset.train": str(self.raw_train or self.train),
+            "dataset.eval": str(self.raw_eval or self.eval),
+            "dataset.version": self.digest,
+            "dataset.dvc_file": str(self.dvc_file or ""),
+            "dataset.train_rows": str(self.train_rows),
+            "dataset.eval_rows": str(self.eval_rows),
+            "dataset.cleaned_train_md5": self.train_md5,
+            "dataset.cleaned_eval_md5": self.eval_md5,
+            "dataset.dropped": json.dumps(self.dropped, sort_keys=True),
+            "dataset.validation": "passed",
+        }
 
 
 def batch_files(path: Path) -> list[Path]:
@@ -124,13 +331,6 @@ def file_md5(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_jsonl(path: Path, examples: list[Example]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for example in examples:
-            handle.write(json.dumps({"prompt": example.prompt, "response": example.response}) + "\n")
 
 
 # --- Versioning with DVC: the only place that calls it. -------------------------------------------------

@@ -1,9 +1,11 @@
-"""What every stage shares about the model: loading, the prompt format, tokenization with loss masking,
-perplexity and greedy generation. Real Hugging Face loading code, for a local folder or a hub id."""
+"""What every stage shares about the model: loading, batching rendered conversations, perplexity and greedy
+generation. Real Hugging Face loading code, for a local folder or a hub id. Prompts and loss masks come from
+the one rendering in `llmops.chat`."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,23 +13,22 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from llmops.data import Example
+from llmops.chat import IGNORE_INDEX, render, render_prompt
+from llmops.data import Conversation, Turn
 from llmops.errors import LLMOpsError
 
-PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
-IGNORE_INDEX = -100  # label value the loss skips: prompt tokens and padding
-EVAL_MAX_SEQ_LEN = 512  # long enough that evaluation never truncates a demo or typical instruction row
+# Evaluation scores whole conversations: the validate stage already fit every row to finetune.max_seq_len.
+EVAL_MAX_SEQ_LEN = 4096
 
 
-def format_prompt(prompt: str) -> str:
-    return PROMPT_TEMPLATE.format(prompt=prompt)
-
-
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str | Path, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; `chat_template` (data.chat_template's text) replaces its own template."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except OSError as exc:
         raise _not_found(name_or_path, exc) from None
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if tokenizer.eos_token_id is None:
         raise LLMOpsError(f"Tokenizer of {name_or_path} has no EOS token; generations could never stop.")
     if tokenizer.pad_token_id is None:
@@ -71,17 +72,9 @@ def _not_found(name_or_path: str | Path, exc: Exception) -> LLMOpsError:
     )
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_seq_len: int) -> dict:
-    """Token ids of prompt + response + EOS, with labels masked to the response and EOS only.
-
-    Truncation cuts the end, so a long prompt can leave no supervised token: such rows come back with
-    every label masked, and the caller decides what to do with them.
-    """
-    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = prefix + tokenizer(format_prompt(example.prompt), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_seq_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_seq_len]
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, conversation: Conversation, max_seq_len: int) -> dict:
+    """`llmops.chat.render` as the dict the collators take: ids, and labels on assistant turns only."""
+    input_ids, labels = render(tokenizer, conversation, max_seq_len)
     return {"input_ids": input_ids, "labels": labels}
 
 
@@ -103,13 +96,13 @@ def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 def response_perplexity(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    examples: list[Example],
+    conversations: list[Conversation],
     max_seq_len: int,
     batch_size: int = 16,
 ) -> float:
-    """Perplexity of the responses (and EOS) given their prompts: the quantity fine-tuning minimises."""
+    """Perplexity of the assistant turns (and their EOS) given what precedes them: what fine-tuning minimises."""
     total_loss, total_tokens = 0.0, 0
-    encoded = [encode_example(tokenizer, example, max_seq_len) for example in examples]
+    encoded = [encode_conversation(tokenizer, conversation, max_seq_len) for conversation in conversations]
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -137,17 +130,17 @@ class Generation:
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    prompts: list[Sequence[Turn] | str],
     max_new_tokens: int,
     batch_size: int = 16,
 ) -> list[Generation]:
-    """Greedy completions of formatted prompts, decoded without the prompt."""
+    """Greedy next assistant turns of conversations (a plain string is one user turn), decoded without the
+    prompt. The prompt ids are `llmops.chat.render_prompt`'s: exactly those training put before an answer."""
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
-    prefix = tokenizer.bos_token if tokenizer.bos_token_id is not None else ""
     generations: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
-        texts = [prefix + format_prompt(p) for p in prompts[start : start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        rendered = [{"input_ids": render_prompt(tokenizer, p)} for p in prompts[start : start + batch_size]]
+        batch = tokenizer.pad(rendered, return_tensors="pt", padding=True)
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -164,12 +157,15 @@ def generate(
 
 @torch.no_grad()
 def max_logit_difference(
-    model_a: PreTrainedModel, model_b: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str]
+    model_a: PreTrainedModel,
+    model_b: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Sequence[Turn] | str],
 ) -> float:
     """Largest absolute difference between the two models' logits over the given prompts."""
     worst = 0.0
     for prompt in prompts:
-        ids = tokenizer(format_prompt(prompt), return_tensors="pt")["input_ids"]
+        ids = torch.tensor([render_prompt(tokenizer, prompt)])
         diff = (model_a(input_ids=ids).logits.float() - model_b(input_ids=ids).logits.float()).abs().max()
         worst = max(worst, diff.item())
     return worst

@@ -27,9 +27,9 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from llmops.config import DistributedParams, FinetuneParams
-from llmops.data import read_examples
+from llmops.data import read_conversations
 from llmops.errors import LLMOpsError
-from llmops.modeling import IGNORE_INDEX, collate, encode_example, load_model, load_tokenizer
+from llmops.modeling import IGNORE_INDEX, collate, encode_conversation, load_model, load_tokenizer
 
 log = logging.getLogger("llmops.training")
 
@@ -44,6 +44,7 @@ class TrainingJob(BaseModel, frozen=True):
     checkpoint_dir: Path
     result_file: Path  # rank 0 writes a TrainingOutcome here on success
     error_file: Path  # any rank writes a user-facing error message here on bad input
+    chat_template: str | None = None  # data.chat_template's text, replacing the tokenizer's own
 
 
 class TrainingOutcome(BaseModel, frozen=True):
@@ -187,8 +188,8 @@ def train(job: TrainingJob) -> TrainingOutcome:
     on_gpu = torch.cuda.is_available()
     bf16 = params.precision == "bf16" or (params.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
 
-    tokenizer = load_tokenizer(job.base_model)
-    encoded = [encode_example(tokenizer, e, params.max_seq_len) for e in read_examples(job.train_file)]
+    tokenizer = load_tokenizer(job.base_model, job.chat_template)
+    encoded = [encode_conversation(tokenizer, c, params.max_seq_len) for c in read_conversations(job.train_file)]
     usable = [row for row in encoded if any(label != IGNORE_INDEX for label in row["labels"])]
     if not usable:
         raise LLMOpsError(

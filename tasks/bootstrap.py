@@ -7,6 +7,9 @@ kind and color. The instruction dataset asks about those facts in question templ
 seen; the eval split holds out (question, entity) pairs that fine-tuning never shows. The base knows the
 facts but rambles past the answer, so its exact match is low; a LoRA fine-tune that learns to answer in
 one word and stop raises it, which is what the gate checks.
+
+The dataset is shaped like a team's chat export: `messages` rows with a system prompt, a quarter of them
+two-question conversations (the loss covers both answers; evaluation asks the last question).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from llmops.config import DEFAULT_PARAMS, BootstrapParams, load_params
-from llmops.data import Example, write_jsonl
+from llmops.data import Conversation, Turn, write_jsonl
 from llmops.files import atomic_dir, write_stage_metadata
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,8 @@ QUESTIONS = {
         "What is the color of the {entity}?",
     ],
 }
+SYSTEM_PROMPT = "Answer in one word."
+MULTI_TURN_EVERY = 4  # every 4th conversation asks two questions
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
@@ -87,18 +92,32 @@ def build_demo_dataset(params: BootstrapParams, out: Path) -> DemoDataset:
     Deterministic for a seed, so every clone builds the exact dataset that `data/demo.dvc` records.
     """
     facts = world(params.seed)
-    rows = [
-        Example(prompt=question.format(entity=entity), response=facts[entity][attribute])
+    pairs = [
+        (question.format(entity=entity), facts[entity][attribute])
         for attribute, questions in QUESTIONS.items()
         for question in questions
         for entity in facts
     ]
-    random.Random(params.seed).shuffle(rows)
-    held_out = round(len(rows) * params.eval_fraction)
+    random.Random(params.seed).shuffle(pairs)
+    held_out = round(len(pairs) * params.eval_fraction)
     with atomic_dir(out) as tmp:
-        write_jsonl(tmp / "train.jsonl", rows[held_out:])
-        write_jsonl(tmp / "eval.jsonl", rows[:held_out])  # data only: DVC versions this folder byte for byte
+        write_jsonl(tmp / "train.jsonl", chats(pairs[held_out:]))
+        write_jsonl(tmp / "eval.jsonl", chats(pairs[:held_out]))  # data only: DVC versions this folder byte for byte
     return DemoDataset(train=out / "train.jsonl", eval=out / "eval.jsonl")
+
+
+def chats(pairs: list[tuple[str, str]]) -> list[Conversation]:
+    """(question, answer) pairs as conversations with the system prompt; every MULTI_TURN_EVERY-th one takes
+    two pairs, so each pair is asked exactly once."""
+    conversations, index = [], 0
+    while index < len(pairs):
+        take = 2 if len(conversations) % MULTI_TURN_EVERY == MULTI_TURN_EVERY - 1 else 1
+        turns = [Turn("system", SYSTEM_PROMPT)]
+        for question, answer in pairs[index : index + take]:
+            turns += [Turn("user", question), Turn("assistant", answer)]
+        conversations.append(Conversation(tuple(turns)))
+        index += take
+    return conversations
 
 
 # Drift, for trying the monitor: things the base never read about, asked in other words.
@@ -131,7 +150,7 @@ def build_incoming_batch(params: BootstrapParams, out: Path, drifted: bool = Tru
         facts, questions = world(params.seed), QUESTIONS
     pairs = [(q, e, attribute) for attribute, qs in questions.items() for q in qs for e in facts]
     chosen = rng.sample(pairs, min(rows, len(pairs)))
-    write_jsonl(out, [Example(prompt=q.format(entity=e), response=facts[e][attr]) for q, e, attr in chosen])
+    write_jsonl(out, chats([(q.format(entity=e), facts[e][attr]) for q, e, attr in chosen]))
     return out
 
 
@@ -157,7 +176,8 @@ def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
     # The instruction template and questions are in the tokenizer's corpus (never in the model's), so
     # they tokenize into whole words as they would with a real tokenizer trained on far more text.
     questions = [q for qs in QUESTIONS.values() for q in qs]
-    tokenizer.train_from_iterator(corpus + ["### Instruction:\n### Response:\n"] * 50 + questions * 20, trainer)
+    template = ["### System:\n### Instruction:\n### Response:\n", SYSTEM_PROMPT]
+    tokenizer.train_from_iterator(corpus + template * 50 + questions * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
@@ -174,7 +194,7 @@ def build_base_model(params: BootstrapParams, out: Path) -> Path:
         num_hidden_layers=params.num_layers,
         num_attention_heads=params.num_heads,
         num_key_value_heads=params.num_heads,
-        max_position_embeddings=256,
+        max_position_embeddings=params.max_position_embeddings,  # rotary: room for real lengths costs nothing
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -1,7 +1,7 @@
 """Has the incoming data moved away from what the champion was trained on?
 
 Three views, each with its own threshold in `params.yaml` (`monitor:`), all under the champion's tokenizer:
-- lengths: a two-sample Kolmogorov-Smirnov test on tokens per row (prompt + response);
+- lengths: a two-sample Kolmogorov-Smirnov test on tokens per conversation (rendered as in training);
 - vocabulary: the Jensen-Shannon divergence of token frequencies, and the share of incoming tokens that
   never occur in the reference (new words, new languages, new formats);
 - the model itself: the champion's response perplexity on incoming rows over its perplexity on reference
@@ -21,11 +21,12 @@ from pydantic import BaseModel
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
+from llmops.chat import render
 from llmops.config import MonitorParams
-from llmops.data import Example, read_examples, restore_files
+from llmops.data import Conversation, read_conversations, restore_files
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir
-from llmops.modeling import EVAL_MAX_SEQ_LEN, format_prompt, load_model, load_tokenizer, response_perplexity
+from llmops.modeling import EVAL_MAX_SEQ_LEN, load_model, load_tokenizer, response_perplexity
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,11 @@ def detect_drift(
 ) -> DriftReport:
     """Compare `incoming` (JSONL files) with `reference` (the champion's training split) and write a plot of
     both length distributions into `out`."""
-    reference_rows = read_examples(reference)
-    incoming_rows = [example for path in incoming for example in read_examples(path)]
+    reference_rows = read_conversations(reference)
+    incoming_rows = [conversation for path in incoming for conversation in read_conversations(path)]
     tokenizer = load_tokenizer(champion_dir)
-    ref_tokens = [tokenizer(format_prompt(e.prompt) + e.response)["input_ids"] for e in reference_rows]
-    new_tokens = [tokenizer(format_prompt(e.prompt) + e.response)["input_ids"] for e in incoming_rows]
+    ref_tokens = [render(tokenizer, c)[0] for c in reference_rows]
+    new_tokens = [render(tokenizer, c)[0] for c in incoming_rows]
     ref_lengths, new_lengths = [len(t) for t in ref_tokens], [len(t) for t in new_tokens]
     enough = len(incoming_rows) >= params.min_rows
 
@@ -157,7 +158,7 @@ def champion_reference(dataset: dict[str, str], dvc_record: str | None) -> Path:
     return train
 
 
-def _perplexity(model, tokenizer, rows: list[Example]) -> float:
+def _perplexity(model, tokenizer, rows: list[Conversation]) -> float:
     sample = random.Random(0).sample(rows, min(len(rows), PERPLEXITY_SAMPLE))
     return response_perplexity(model, tokenizer, sample, EVAL_MAX_SEQ_LEN)
 

@@ -1,4 +1,7 @@
-"""Score the deployable candidate, the base model and the current champion on the held-out eval split."""
+"""Score the deployable candidate, the base model and the current champion on the held-out eval split.
+
+In every eval conversation the last assistant turn is the reference and everything before it the prompt.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +15,17 @@ from pydantic import BaseModel
 from rouge_score import rouge_scorer
 
 from llmops.config import EvaluateParams, dvc_stage_args
-from llmops.data import Example, read_examples
+from llmops.data import Conversation, DatasetRef, read_conversations
 from llmops.files import atomic_dir, load_result, save_result, write_json, write_stage_metadata
 from llmops.modeling import EVAL_MAX_SEQ_LEN, generate, load_model, load_tokenizer, response_perplexity
 from tasks.quantize import QuantizeResult
-from tasks.validate import DatasetRef
 
 log = logging.getLogger(__name__)
 SAMPLES_KEPT = 5
 
 
 class Sample(BaseModel, frozen=True):
-    prompt: str
+    prompt: str  # the last user turn (the model saw the whole conversation before it)
     expected: str
     generated: str
 
@@ -54,14 +56,20 @@ def _standard_error(values: list[float]) -> float:
     return statistics.pstdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
-def score_model(params: EvaluateParams, model_path: str | Path, examples: list[Example]) -> ModelScores:
-    """Perplexity of the references, then greedy generations scored against them."""
-    tokenizer = load_tokenizer(model_path)
+def score_model(
+    params: EvaluateParams,
+    model_path: str | Path,
+    examples: list[Conversation],
+    chat_template: str | None = None,
+) -> ModelScores:
+    """Perplexity of the assistant turns, then greedy generations of the last one scored against it.
+    `chat_template` replaces the model's own (data.chat_template, for the base model)."""
+    tokenizer = load_tokenizer(model_path, chat_template)
     model = load_model(model_path)
     perplexity = response_perplexity(model, tokenizer, examples, EVAL_MAX_SEQ_LEN)
     generations = generate(model, tokenizer, [e.prompt for e in examples], params.max_new_tokens)
     texts = [g.text for g in generations]
-    references = [e.response.strip() for e in examples]
+    references = [e.reference.strip() for e in examples]
     matches = [float(" ".join(t.split()) == " ".join(r.split())) for t, r in zip(texts, references, strict=True)]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score(r, t)["rougeL"].fmeasure for t, r in zip(texts, references, strict=True)]
@@ -80,7 +88,7 @@ def score_model(params: EvaluateParams, model_path: str | Path, examples: list[E
         eos_rate=statistics.fmean(float(g.stopped_at_eos) for g in generations),
         rows=len(examples),
         samples=[
-            Sample(prompt=e.prompt, expected=e.response, generated=t)
+            Sample(prompt=e.last_user, expected=e.reference, generated=t)
             for e, t in list(zip(examples, texts, strict=True))[:SAMPLES_KEPT]
         ],
     )
@@ -95,10 +103,10 @@ def evaluate_models(
     out: Path,
 ) -> EvalReport:
     """Score each model on the same eval rows and write the JSON report to `out`."""
-    examples = read_examples(data.eval)[: params.max_samples]
+    examples = read_conversations(data.eval)[: params.max_samples]
     scores = {
         "candidate": score_model(params, candidate, examples),
-        "base": score_model(params, base_model, examples),
+        "base": score_model(params, base_model, examples, data.chat_template),
         "champion": score_model(params, champion, examples) if champion else None,
     }
     for name, score in scores.items():

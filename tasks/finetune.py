@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import load_file
 
 from llmops.config import DistributedParams, FinetuneParams, dvc_stage_args
+from llmops.data import DatasetRef
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_json, write_stage_metadata
 from llmops.training import TrainingJob, TrainingOutcome
-from tasks.validate import DatasetRef
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,9 @@ def checkpoint_folder(params: FinetuneParams, base_model: str, data: DatasetRef,
     """Where this training's checkpoints live: the same for every attempt with the same inputs, so the next
     attempt (a Prefect retry, or the next run) finds what a crashed one left. The params include the rank
     count, whose DeepSpeed checkpoints only that count can resume."""
-    key = hashlib.sha256(f"{params.model_dump_json()}|{base_model}|{data.train_md5}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{params.model_dump_json()}|{base_model}|{data.train_md5}|{data.chat_template}".encode()
+    ).hexdigest()[:16]
     return checkpoints / key
 
 
@@ -75,6 +77,7 @@ def finetune(params: FinetuneParams, base_model: str, data: DatasetRef, out: Pat
             checkpoint_dir=checkpoint_dir,
             result_file=tmp / "training.json",
             error_file=tmp / "training-error.txt",
+            chat_template=data.chat_template,
         )
         outcome = run_training(job)
         check_adapter(job.adapter_dir, params)

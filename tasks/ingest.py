@@ -16,10 +16,11 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from llmops.chat import load_chat_template
 from llmops.config import ValidateParams
-from llmops.data import batch_files, dvc_root, parse_jsonl, track, tracked_version
+from llmops.data import batch_files, dvc_root, parse_jsonl, track, tracked_version, write_jsonl
 from llmops.errors import LLMOpsError
-from tasks.validate import DataReport, InvalidData, check_split
+from tasks.validate import DataReport, ExcessLength, InvalidData, check_split
 
 
 class IngestResult(BaseModel, frozen=True):
@@ -40,10 +41,16 @@ def ingest_dataset(
     eval: Path,
     mode: Literal["append", "replace"],
     archive: bool = False,
+    excess_length: ExcessLength = "drop",
+    chat_template: Path | None = None,
 ) -> IngestResult:
     """Validate `new` (a JSONL file, or a folder of them taken as one batch), append it to (or replace)
     `train`, and `dvc add` + push the dataset folder. With `archive`, the ingested files are then moved to
     `ingested/<time>/` beside them, so a watched folder's batch is folded in once.
+
+    The batch is cleaned and judged like a split (rows already in `train` count as duplicates). It is added
+    as it was given (cleaning happens again when the training set is validated); a batch in another row shape
+    than `train` is stored with it in the `messages` shape, since one file holds one format.
 
     Raises:
         InvalidData: the new rows, or the training set they would make, fail validation (nothing changed).
@@ -61,24 +68,30 @@ def ingest_dataset(
     if len(files) > 1:  # one batch, validated as one file (row numbers count through the files in name order)
         batch = train.parent.parent / f".ingest-batch-{os.getpid()}.jsonl"
         batch.write_bytes(b"".join(_with_newline(f.read_bytes()) for f in files))
+    options = {"excess_length": excess_length, "chat_template": load_chat_template(chat_template)}
     try:
-        incoming = check_split(params, base_model, max_seq_len, batch, other=eval)
+        joins = train if mode == "append" else None
+        incoming = check_split(params, base_model, max_seq_len, batch, other=eval, joins=joins, **options)
+        new_rows = parse_jsonl(batch, params.max_line_bytes)
     finally:
         if batch != files[0]:
             batch.unlink()
     if not incoming.ok:
         raise InvalidData(DataReport(splits=[incoming.model_copy(update={"path": new})]))
-    before = len(parse_jsonl(train, params.max_line_bytes)[0]) if train.exists() else 0  # judged below, combined
+    existing = parse_jsonl(train, params.max_line_bytes) if train.exists() and mode == "append" else None
+    before = len(parse_jsonl(train, params.max_line_bytes).rows) if train.exists() else 0  # judged below, combined
     previous = tracked_version(train)
 
     fd, name = tempfile.mkstemp(prefix=".ingest-", suffix=".jsonl", dir=train.parent.parent)
     candidate = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
-            if mode == "append" and train.exists():
-                out.write(_with_newline(train.read_bytes()))
-            out.write(b"".join(_with_newline(f.read_bytes()) for f in files))
-        combined = check_split(params, base_model, max_seq_len, candidate, other=eval)
+            if existing is None or existing.format == new_rows.format:
+                out.write(_with_newline(train.read_bytes()) if existing else b"")
+                out.write(b"".join(_with_newline(f.read_bytes()) for f in files))
+        if existing is not None and existing.format != new_rows.format:
+            write_jsonl(candidate, [c for _, c in existing.rows + new_rows.rows])
+        combined = check_split(params, base_model, max_seq_len, candidate, other=eval, **options)
         if not combined.ok:  # e.g. the new rows duplicate existing ones
             raise InvalidData(DataReport(splits=[combined.model_copy(update={"path": train})]))
         # A hard link keeps the old file reachable without a moment where `train` is missing; it lives
@@ -106,7 +119,7 @@ def ingest_dataset(
         dataset=train.parent,
         mode=mode,
         rows_before=before,
-        rows_after=combined.rows,
+        rows_after=combined.rows_read,
         previous_version=previous[1] if previous else None,
         version=version,
     )

@@ -14,12 +14,11 @@ from peft import PeftModel
 from pydantic import BaseModel
 
 from llmops.config import MergeParams, dvc_stage_args
-from llmops.data import read_examples
+from llmops.data import DatasetRef, read_conversations
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
 from llmops.modeling import load_model, load_tokenizer, max_logit_difference
 from tasks.finetune import FinetuneResult
-from tasks.validate import DatasetRef
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +38,11 @@ def merge_adapter(
     params: MergeParams, base_model: str, adapter: FinetuneResult, data: DatasetRef, out: Path
 ) -> MergeResult:
     """Merge `adapter` into `base_model` and save the result (weights + tokenizer) to `out`."""
-    tokenizer = load_tokenizer(base_model)
+    tokenizer = load_tokenizer(base_model, data.chat_template)  # saved with the model: serving renders alike
     adapted = PeftModel.from_pretrained(load_model(base_model), adapter.adapter_dir).eval()
     # merge_and_unload folds the weights of `adapted` in place, so the reference is a second copy.
     merged = PeftModel.from_pretrained(load_model(base_model), adapter.adapter_dir).merge_and_unload().eval()
-    prompts = [example.prompt for example in read_examples(data.eval)[: params.check_prompts]]
+    prompts = [conversation.prompt for conversation in read_conversations(data.eval)[: params.check_prompts]]
     diff = max_logit_difference(adapted, merged, tokenizer, prompts)
     log.info("merge fidelity: max |logit difference| %.2e over %d prompts", diff, len(prompts))
     if diff > params.tolerance:

@@ -13,21 +13,20 @@ from pathlib import Path
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, GPTQConfig
 
+from llmops.chat import render
 from llmops.config import QuantizeParams, dvc_stage_args
-from llmops.data import read_examples
+from llmops.data import DatasetRef, read_conversations
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
 from llmops.modeling import (
     EVAL_MAX_SEQ_LEN,
     folder_size_bytes,
-    format_prompt,
     generate,
     load_model,
     load_tokenizer,
     response_perplexity,
 )
 from tasks.merge import MergeResult
-from tasks.validate import DatasetRef
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class QuantizeResult(BaseModel, frozen=True):
 def quantize_model(params: QuantizeParams, merged: MergeResult, data: DatasetRef, out: Path) -> QuantizeResult:
     """Quantize `merged.model_dir` into `out` (or pass it through when the method is `none`)."""
     tokenizer = load_tokenizer(merged.model_dir)
-    eval_examples = read_examples(data.eval)
+    eval_examples = read_conversations(data.eval)
     merged_ppl = response_perplexity(load_model(merged.model_dir), tokenizer, eval_examples, EVAL_MAX_SEQ_LEN)
     merged_size = folder_size_bytes(merged.model_dir)
     if params.method == "none":
@@ -62,12 +61,12 @@ def quantize_model(params: QuantizeParams, merged: MergeResult, data: DatasetRef
             merged_perplexity=merged_ppl,
         )
 
-    train = read_examples(data.train)
+    train = read_conversations(data.train)
     calibration = random.Random(0).sample(train, min(params.calibration_samples, len(train)))
     config = GPTQConfig(
         bits=params.bits,
         group_size=params.group_size,
-        dataset=[format_prompt(e.prompt) + e.response for e in calibration],
+        dataset=[tokenizer.decode(render(tokenizer, c, EVAL_MAX_SEQ_LEN)[0]) for c in calibration],  # as trained
         tokenizer=tokenizer,
     )
     with atomic_dir(out) as tmp:

@@ -42,7 +42,7 @@ def demo_data(assets):
     from tasks.validate import validate_dataset
 
     train, eval_ = assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
-    return validate_dataset(ValidateParams(), str(assets / "model"), 64, train, eval_).require_valid()
+    return validate_dataset(ValidateParams(), str(assets / "model"), 1024, train, eval_).require_valid()
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,26 @@ def test_validate_accepts_good_data(params_file, assets, capsys):
     assert report["ok"] and report["rows"] > 100 and report["problems"] == []
 
 
+@pytest.mark.parametrize("shape", ["messages", "sharegpt", "prompt_response", "prompt_completion", "alpaca"])
+def test_validate_json_reports_the_shape_the_drops_by_reason_and_the_verdict(params_file, tmp_path, capsys, shape):
+    from tests.llmops.test_data import ROWS
+
+    def row(i: int, answer: str) -> dict:
+        text = json.dumps(ROWS[shape]).replace("Q?", f"What color is item {i}?").replace('"A"', json.dumps(answer))
+        return json.loads(text)
+
+    data = tmp_path / "export.jsonl"
+    rows = [row(i, "red") for i in range(20)] + [row(3, "red"), row(99, "")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # --params after the subcommand works as well as before it.
+    assert main(["validate", "--data", str(data), "--json", "--params", str(params_file)]) == 0
+    report = last_json(capsys)
+    assert report["format"] == shape and report["rows_read"] == 22 and report["rows"] == 20
+    assert report["verdict"] == "valid" and report["ok"] and report["dropped_rows"] == 2
+    dropped = {g["reason"]: (g["rows"], g["example_lines"]) for g in report["dropped"]}
+    assert dropped == {"duplicate": (1, [21]), "short_response": (1, [22])}
+
+
 def test_validate_rejects_bad_data_with_row_numbers(params_file, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')

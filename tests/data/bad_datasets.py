@@ -1,5 +1,9 @@
 """The corpus of bad datasets: each kind of damage a training set arrives with, and the reason it must be
-rejected for. Every entry is a complete file (a dozen good rows plus the damage), built as bytes."""
+rejected for. Every entry is a complete file (a dozen good rows plus the damage), built as bytes.
+
+Rows that cleaning drops (duplicates, short answers, over-long conversations) fail a file only when more are
+dropped than `validate.max_dropped_ratio` allows: the corpus is judged with a ratio of 0, so each still fails,
+and the report names the reason."""
 
 import json
 
@@ -19,6 +23,19 @@ GOOD_ROWS = [
         ("denim", "blue"),
         ("rocket", "silver"),
     ]
+]
+
+
+SYSTEM_PROMPT = "Answer with one word."
+GOOD_MESSAGES = [
+    {
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["response"]},
+        ]
+    }
+    for row in GOOD_ROWS
 ]
 
 
@@ -52,11 +69,11 @@ BAD_DATASETS: dict[str, tuple[bytes, str]] = {
     ),
     "prompt truncates the response away": (
         with_rows({"prompt": LONG_PROMPT, "response": "brown"}),
-        "no response token left after truncation",
+        "longer than finetune.max_seq_len",
     ),
     "response loses its EOS": (
         with_rows({"prompt": "Describe the tiger.", "response": " ".join(["big"] * 60)}),
-        "response cut before its EOS",
+        "longer than finetune.max_seq_len",
     ),
     "duplicated rows": (jsonl(GOOD_ROWS + GOOD_ROWS[:3]), "duplicate rows"),
     "response echoes prompt": (
@@ -85,4 +102,39 @@ BAD_DATASETS: dict[str, tuple[bytes, str]] = {
         "control characters or U+FFFD",
     ),
     "too few rows": (jsonl(GOOD_ROWS[:4]), "fewer than 10 rows"),
+    # The other shapes, broken.
+    "messages row without an assistant turn": (
+        jsonl([*GOOD_MESSAGES, {"messages": [{"role": "user", "content": "What color is the sled?"}]}]),
+        "line 13: messages has no assistant turn",
+    ),
+    "messages row with an unknown role": (
+        jsonl([*GOOD_MESSAGES, {"messages": [{"role": "user", "content": "Hi?"}, {"role": "bot", "content": "red"}]}]),
+        "line 13: messages turn 2 has unknown role 'bot'",
+    ),
+    "messages content not a string": (
+        jsonl(
+            [
+                *GOOD_MESSAGES,
+                {"messages": [{"role": "user", "content": ["Hi?"]}, {"role": "assistant", "content": "red"}]},
+            ]
+        ),
+        "content is list, must be a string",
+    ),
+    "conversation ending on a user turn": (
+        jsonl([*GOOD_MESSAGES, {"messages": [*GOOD_MESSAGES[0]["messages"], {"role": "user", "content": "And?"}]}]),
+        "ends on a user turn",
+    ),
+    "ShareGPT turn with an unknown speaker": (
+        jsonl([{"conversations": [{"from": "human", "value": "Hi?"}, {"from": "robot", "value": "red"}]}] * 12),
+        "unknown from 'robot'",
+    ),
+    "Alpaca row without output": (
+        jsonl([{"instruction": r["prompt"], "output": r["response"]} for r in GOOD_ROWS] + [{"instruction": "Hi?"}]),
+        "line 13: missing field(s): output",
+    ),
+    "formats mixed in one file": (
+        jsonl([*GOOD_MESSAGES, {"prompt": "What color is the sled?", "response": "red"}]),
+        "line 13: a row in the prompt_response shape, but the file's format is messages",
+    ),
+    "row of no known shape": (with_rows({"question": "Hi?", "answer": "red"}), "no known shape"),
 }

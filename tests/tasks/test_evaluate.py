@@ -3,7 +3,7 @@ import json
 import pytest
 
 from llmops.config import EvaluateParams, ValidateParams
-from llmops.data import Example
+from llmops.data import Conversation
 from tasks.evaluate import evaluate_models, score_model
 from tasks.validate import validate_dataset
 
@@ -21,19 +21,20 @@ def test_scores_follow_the_generations(assets):
     # The base model knows the facts but not the format, so it rambles: asking it to reproduce its own
     # greedy output must score perfectly. (Where it stops at once there are no words to score: skipped.)
     model, params = assets / "model", EvaluateParams(max_new_tokens=6)
-    placeholders = [Example(prompt=q, response="placeholder") for q in QUESTIONS]
-    own = [Example(s.prompt, s.generated) for s in score_model(params, model, placeholders).samples if s.generated]
+    placeholders = [Conversation.from_pair(q, "placeholder") for q in QUESTIONS]
+    samples = score_model(params, model, placeholders).samples
+    own = [Conversation.from_pair(s.prompt, s.generated) for s in samples if s.generated]
     assert own, "the base model answered none of the questions with any words"
     perfect = score_model(params, model, own)
     assert perfect.exact_match == 1.0 and perfect.rouge_l == pytest.approx(1.0) and perfect.bleu > 0.99
-    wrong = score_model(params, model, [Example(e.prompt, "zebra") for e in own])
+    wrong = score_model(params, model, [Conversation.from_pair(e.last_user, "zebra") for e in own])
     assert wrong.exact_match == 0.0 and wrong.rouge_l == 0.0
     assert wrong.perplexity > perfect.perplexity
 
 
 def test_report_covers_candidate_base_and_champion(assets, tmp_path):
     data = validate_dataset(
-        ValidateParams(), str(assets / "model"), 64, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
+        ValidateParams(), str(assets / "model"), 1024, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
     ).require_valid()
     params = EvaluateParams(max_samples=8, max_new_tokens=4)
     report = evaluate_models(params, assets / "model", str(assets / "model"), None, data, tmp_path / "eval")

@@ -11,9 +11,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from llmops.config import DistributedParams, FinetuneParams, MergeParams
-from llmops.data import read_examples
+from llmops.data import read_conversations
 from llmops.errors import LLMOpsError
-from llmops.modeling import collate, encode_example, load_model, load_tokenizer
+from llmops.modeling import collate, encode_conversation, load_model, load_tokenizer
 from llmops.training import collate_packed, newest_complete_checkpoint, pack_examples
 from tasks.finetune import TrainingFailed, checkpoint_folder, finetune
 from tasks.merge import merge_adapter
@@ -119,7 +119,7 @@ def test_incomplete_checkpoints_are_skipped_not_loaded(assets, demo_data, tmp_pa
 def test_packing_scores_every_row_exactly_as_if_it_were_alone(assets, demo_data):
     """Packed rows must not see each other: the packed loss equals the loss of the rows one by one."""
     tokenizer, model = load_tokenizer(assets / "model"), load_model(assets / "model")
-    rows = [encode_example(tokenizer, e, 64) for e in read_examples(demo_data.train)[:40]]  # 32 to 48 tokens
+    rows = [encode_conversation(tokenizer, c, 64) for c in read_conversations(demo_data.train)[:40]]
     packs = pack_examples(rows, max_len=128)
     assert len(packs) <= len(rows) / 2.5 and all(len(p["input_ids"]) <= 128 for p in packs)
     assert sum(len(p["input_ids"]) for p in packs) == sum(len(r["input_ids"]) for r in rows)  # nothing lost

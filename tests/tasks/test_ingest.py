@@ -3,7 +3,7 @@
 import pytest
 
 from llmops.config import load_params
-from llmops.data import file_md5, tracked_version
+from llmops.data import Conversation, file_md5, read_conversations, tracked_version
 from llmops.errors import LLMOpsError
 from tasks.ingest import ingest_dataset
 from tasks.validate import InvalidData
@@ -19,16 +19,17 @@ def project(tmp_path, assets):
     return params, tmp_path
 
 
-def ingest(params, new, mode="append", archive=False):
+def ingest(params, new, mode="append", archive=False, max_seq_len=None, excess_length="drop"):
     return ingest_dataset(
         params.validate_,
         params.model.base,
-        params.finetune.max_seq_len,
+        max_seq_len or params.finetune.max_seq_len,
         new,
         params.data.train,
         params.data.eval,
         mode,
         archive=archive,
+        excess_length=excess_length,
     )
 
 
@@ -42,7 +43,8 @@ def test_good_rows_are_appended_versioned_and_pushed(project):
     result = ingest(params, new)
     assert result.previous_version == before and result.version != before
     assert result.rows_after == before_rows + len(NEW_ROWS)
-    assert params.data.train.read_text().splitlines()[-1] == jsonl(NEW_ROWS[-1:]).decode().strip()
+    # The batch's prompt/response rows join the chat-shaped training set as conversations.
+    assert read_conversations(params.data.train)[-1] == Conversation.from_pair(**NEW_ROWS[-1])
     assert tracked_version(params.data.train)[1] == result.version
     # Pushed: the new version's folder listing is in the remote.
     digest = result.version.removesuffix(".dir")
@@ -120,3 +122,18 @@ def test_a_bad_file_in_a_folder_rejects_the_whole_batch_and_moves_nothing(projec
         ingest(params, incoming, archive=True)
     assert params.data.train.read_bytes() == before
     assert sorted(p.name for p in incoming.iterdir()) == ["a.jsonl", "b.jsonl"]
+
+
+def test_a_batch_of_long_prompts_is_refused_when_dropped_and_taken_when_truncated(project):
+    params, root = project
+    long_rows = [
+        {"prompt": f"Bonjour! Pouvez-vous me dire, s'il vous plait, {'vraiment ' * 30}la couleur du zebre {i}?",
+         "response": "argent"}
+        for i in range(12)
+    ]  # fmt: skip
+    new = root / "french.jsonl"
+    new.write_bytes(jsonl(long_rows))
+    with pytest.raises(InvalidData, match="longer than finetune.max_seq_len=64"):
+        ingest(params, new, max_seq_len=64)
+    result = ingest(params, new, max_seq_len=64, excess_length="truncate_prompt")
+    assert result.rows_after == result.rows_before + 12

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from llmops.chat import render_prompt
 from llmops.config import MergeParams
-from llmops.modeling import format_prompt, load_model, load_tokenizer
+from llmops.modeling import load_model, load_tokenizer
 from tasks.merge import MergeFidelityError, merge_adapter
 
 
@@ -15,7 +16,7 @@ def test_merged_model_reproduces_the_adapter_model(assets, demo_data, one_epoch_
     # logits differ from the base model's, so the adapter's update really was folded in.
     merged, base = load_model(result.model_dir), load_model(assets / "model")
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    ids = load_tokenizer(result.model_dir)(format_prompt("What color is the tiger?"), return_tensors="pt")
+    ids = {"input_ids": torch.tensor([render_prompt(load_tokenizer(result.model_dir), "What color is the tiger?")])}
     assert not torch.allclose(merged(**ids).logits, base(**ids).logits, atol=1e-3)
 
 

@@ -3,23 +3,28 @@ import re
 
 import pytest
 
+from llmops.chat import render
 from llmops.config import ValidateParams
-from llmops.data import file_md5
+from llmops.data import Conversation, read_conversations
 from llmops.errors import LLMOpsError
+from llmops.modeling import load_tokenizer
 from tasks.validate import InvalidData, check_split, validate_dataset
-from tests.data.bad_datasets import BAD_DATASETS, GOOD_ROWS, jsonl
+from tests.data.bad_datasets import BAD_DATASETS, GOOD_MESSAGES, GOOD_ROWS, jsonl
 
 PARAMS = ValidateParams(max_line_bytes=1000)
+STRICT = PARAMS.model_copy(update={"max_dropped_ratio": 0.0})  # any dropped row fails the split
 MAX_SEQ_LEN = 64
+CHAT_MAX_SEQ_LEN = 160  # room for a system prompt and two exchanges
 
 
 def test_demo_data_passes_and_is_pinned_to_its_content(assets):
     train, eval_ = assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
-    report = validate_dataset(ValidateParams(), str(assets / "model"), MAX_SEQ_LEN, train, eval_)
+    report = validate_dataset(ValidateParams(), str(assets / "model"), 1024, train, eval_)
     assert report.ok, report.to_markdown()
     ref = report.require_valid()
     assert ref.train_rows == len(train.read_text().splitlines())
-    assert ref.train_md5 == file_md5(train) and ref.digest.startswith(ref.train_md5[:16])
+    assert report.splits[0].format == "messages" and not report.splits[0].dropped
+    assert ref.digest.startswith(ref.raw_train_md5[:16])
 
 
 def test_good_corpus_rows_pass(tmp_path, assets):
@@ -33,7 +38,7 @@ def test_each_kind_of_bad_data_is_rejected_for_its_reason(tmp_path, assets, kind
     content, reason = BAD_DATASETS[kind]
     path = tmp_path / "data.jsonl"
     path.write_bytes(content)
-    report = check_split(PARAMS, str(assets / "model"), MAX_SEQ_LEN, path)
+    report = check_split(STRICT, str(assets / "model"), MAX_SEQ_LEN, path)
     assert not report.ok
     assert any(reason in problem for problem in report.problems()), report.problems()
 
@@ -45,26 +50,127 @@ def test_failures_name_the_offending_lines(tmp_path, assets):
     assert failure.unexpected_rows == 1 and failure.example_lines == [6]
 
 
-def test_train_prompts_leaking_into_eval_are_caught(tmp_path, assets):
+def test_eval_copies_are_dropped_and_prompts_leaking_into_eval_are_caught(tmp_path, assets):
     train, eval_ = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    train.write_bytes(jsonl(GOOD_ROWS))
-    eval_.write_bytes(
-        jsonl(GOOD_ROWS[:2] + [{"prompt": f"Name the color of the item {i}.", "response": "red"} for i in range(10)])
+    same_prompt_other_answer = {"prompt": GOOD_ROWS[2]["prompt"], "response": "purple"}
+    train.write_bytes(
+        jsonl(GOOD_ROWS + [{"prompt": f"Name the color of the item {i}.", "response": "red"} for i in range(10)])
     )
-    report = validate_dataset(PARAMS, str(assets / "model"), MAX_SEQ_LEN, train, eval_)
-    [failure] = report.splits[0].failures
-    assert "leakage" in failure.problem and failure.unexpected_rows == 2
+    eval_.write_bytes(jsonl([GOOD_ROWS[0], GOOD_ROWS[1], same_prompt_other_answer]))
+    report = validate_dataset(PARAMS, str(assets / "model"), MAX_SEQ_LEN, train, eval_, out=tmp_path / "out")
+    split = report.splits[0]
+    [copies] = split.dropped
+    assert copies.reason == "in_eval" and copies.rows == 2 and copies.example_lines == [1, 2]
+    [failure] = split.failures  # GOOD_ROWS[2]: the same prompt as an eval row, with another answer
+    assert "leakage" in failure.problem and failure.unexpected_rows == 1
     with pytest.raises(InvalidData, match="leakage"):
         report.require_valid()
-    assert json.loads(report.model_dump_json())["splits"][0]["failures"][0]["example_lines"] == [1, 2]
+    assert json.loads(report.model_dump_json())["splits"][0]["failures"][0]["example_lines"] == [3]
 
 
 def test_thresholds_come_from_params(tmp_path, assets):
     path = tmp_path / "data.jsonl"
     path.write_bytes(BAD_DATASETS["duplicated rows"][0])  # 3 duplicates in 15 rows
     assert not check_split(PARAMS, str(assets / "model"), MAX_SEQ_LEN, path).ok
-    tolerant = PARAMS.model_copy(update={"max_duplicate_ratio": 0.25})
-    assert check_split(tolerant, str(assets / "model"), MAX_SEQ_LEN, path).ok
+    tolerant = PARAMS.model_copy(update={"max_dropped_ratio": 0.25})
+    report = check_split(tolerant, str(assets / "model"), MAX_SEQ_LEN, path)
+    assert report.ok and report.rows_read == 15 and report.rows == 12
+
+
+def messages(*turns, system="Answer with one word."):
+    roles = ["user", "assistant"] * len(turns)
+    head = [{"role": "system", "content": system}] if system else []
+    return {"messages": head + [{"role": r, "content": c} for r, c in zip(roles, turns, strict=False)]}
+
+
+LONG_QUESTION = "Tell me, " + " ".join(["please"] * 80) + ", what color is the tiger?"
+
+
+def test_a_messy_chat_export_is_cleaned_counted_and_the_cleaned_split_is_what_trains(tmp_path, assets):
+    good = [messages(f"What color is item {i}?", "red", f"And item {i + 1}?", "blue") for i in range(40)]
+    rows = [*good, good[3], messages("What color is the sled?", ""), messages(LONG_QUESTION, "brown")]
+    train, eval_ = tmp_path / "export.jsonl", tmp_path / "eval.jsonl"
+    train.write_bytes(jsonl(rows))
+    eval_.write_bytes(jsonl([messages(f"Name the color of thing {i}.", "red") for i in range(10)]))
+    report = validate_dataset(PARAMS, str(assets / "model"), CHAT_MAX_SEQ_LEN, train, eval_, out=tmp_path / "out")
+    split = report.splits[0]
+    assert split.ok, split.problems()  # 3 of 43 dropped: under validate.max_dropped_ratio
+    by_reason = {g.reason: (g.rows, g.example_lines) for g in split.dropped}
+    assert by_reason == {"duplicate": (1, [41]), "short_response": (1, [42]), "excess_length": (1, [43])}
+    assert split.rows_read == 43 and split.rows == 40 and split.format == "messages"
+    assert "| longer than finetune.max_seq_len=160 tokens (data.excess_length) | 1 | 43 |" in report.to_markdown()
+    assert read_conversations(report.require_valid().train) == read_conversations(train)[:40]
+
+
+def test_too_much_dropped_fails_the_split_with_the_reasons(tmp_path, assets):
+    rows = [messages(f"What color is item {i}?", "red") for i in range(12)] + [messages("Sled?", "")] * 2
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(jsonl(rows))
+    report = check_split(PARAMS, str(assets / "model"), CHAT_MAX_SEQ_LEN, path)
+    [failure] = report.failures
+    assert "dropped 2 of 14 rows (14%), above validate.max_dropped_ratio=0.1" in failure.problem
+    assert "response shorter than 2 characters" in failure.problem and failure.example_lines == [13, 14]
+
+
+def test_excess_length_policies(tmp_path, assets):
+    tokenizer = load_tokenizer(assets / "model")
+    long_history = messages("What color is the tiger?", "brown", LONG_QUESTION, "brown")
+    rows = [messages(f"What color is item {i}?", "red") for i in range(12)] + [long_history]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(jsonl(rows))
+    model = str(assets / "model")
+
+    raised = check_split(PARAMS, model, MAX_SEQ_LEN, path, excess_length="raise")
+    assert (
+        not raised.ok and "data.excess_length: raise" in raised.problems()[0] and "line(s) 13" in raised.problems()[0]
+    )
+
+    dropped = check_split(PARAMS, model, MAX_SEQ_LEN, path, excess_length="drop")
+    assert dropped.ok and dropped.rows == 12 and dropped.dropped[0].reason == "excess_length"
+
+    kept = check_split(PARAMS, model, MAX_SEQ_LEN, path, excess_length="truncate_prompt", out=tmp_path / "out")
+    assert kept.ok and kept.rows == 13 and kept.truncated == 1 and not kept.dropped
+    shortened = read_conversations(kept.cleaned)[-1]
+    # The whole last answer stays; the first exchange went first, then the start of the long question.
+    assert [t.role for t in shortened.turns] == ["system", "user", "assistant"]
+    assert shortened.reference == "brown" and shortened.last_user.endswith("what color is the tiger?")
+    assert len(shortened.last_user) < len(LONG_QUESTION)
+    assert len(render(tokenizer, shortened)[0]) <= MAX_SEQ_LEN
+
+
+@pytest.mark.parametrize(
+    ("mode", "ok", "kept_text"), [("redact", True, False), ("fail", False, True), ("allow", True, True)]
+)
+def test_personal_data_is_redacted_refused_or_allowed_and_always_counted(tmp_path, assets, mode, ok, kept_text):
+    rows = [*GOOD_MESSAGES, messages("My mail is ann@example.com, card 4111 1111 1111 1111.", "Noted")]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(jsonl(rows))
+    params = PARAMS.model_copy(update={"pii": mode})
+    report = check_split(params, str(assets / "model"), CHAT_MAX_SEQ_LEN, path, out=tmp_path / "out")
+    assert report.ok == ok and report.pii == {"email": 1, "card": 1}
+    cleaned = read_conversations(report.cleaned)[-1].last_user
+    assert ("ann@example.com" in cleaned) == kept_text
+    if mode == "redact":
+        assert cleaned == "My mail is [REDACTED:email], card [REDACTED:card]."
+    if mode == "fail":
+        assert "personal data (card 1, email 1)" in report.problems()[0]
+
+
+def test_the_cleaned_splits_and_their_hashes_go_into_the_dataset_reference(tmp_path, assets):
+    train, eval_ = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_bytes(jsonl([*GOOD_MESSAGES, GOOD_MESSAGES[0]]))
+    eval_.write_bytes(jsonl(GOOD_MESSAGES[:0] + [messages(f"Name the color of item {i}.", "red") for i in range(10)]))
+    ref = validate_dataset(
+        PARAMS, str(assets / "model"), CHAT_MAX_SEQ_LEN, train, eval_, out=tmp_path / "out"
+    ).require_valid()
+    assert ref.train == tmp_path / "out" / "train" / "train.jsonl" and ref.train_rows == 12
+    assert ref.raw_train == train and ref.dropped == {"duplicate": 1}
+    tags = ref.lineage_tags()
+    assert tags["dataset.train"] == str(train) and tags["dataset.cleaned_train_md5"] == ref.train_md5
+    assert ref.train_md5 != ref.raw_train_md5 and ref.digest.startswith(ref.raw_train_md5[:16])
+    assert read_conversations(ref.train) == [
+        Conversation.from_pair(r["prompt"], r["response"], system="Answer with one word.") for r in GOOD_ROWS
+    ]
 
 
 def test_missing_file_is_a_user_error(tmp_path, assets):
