@@ -1,6 +1,7 @@
 """The `llmops` command: exit codes, one-paragraph errors, JSON on the last line."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +163,33 @@ def test_platform_refuses_a_port_in_use_and_leaves_nothing_running(params_file, 
         assert main(["--params", str(params_file), "platform", "up", "--port", str(port)]) == 2
     assert f"Port {port}" in capsys.readouterr().err
     assert not (load_params(params_file).work_dir / "platform" / "platform.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_on_a_messy_multi_turn_export_trains_gates_and_reports_what_was_dropped(tmp_path, assets, capsys):
+    from llmops import tracking
+    from llmops.config import load_params
+    from llmops.data import Conversation, Turn, read_conversations, write_jsonl
+
+    chats = read_conversations(assets / "data" / "train.jsonl")
+    assert any(len(c.turns) > 3 for c in chats)  # the demo export is multi-turn, with a system prompt
+    rambling = Turn("user", "Tell me " + "more and " * 80 + "what color is the tiger?")
+    export = [
+        *chats,
+        *chats[:5],  # duplicates
+        *[Conversation((*c.turns[:-1], Turn("assistant", ""))) for c in chats[5:8]],  # empty replies
+        *[Conversation((c.turns[0], rambling, c.turns[-1])) for c in chats[8:10]],  # over max_seq_len
+    ]
+    write_jsonl(tmp_path / "export.jsonl", export)
+    params_file = write_params(tmp_path, assets)
+    settings = [f"data.train={tmp_path / 'export.jsonl'}", "finetune.max_seq_len=160", "finetune.epochs=2"]
+    args = ["run", "--json", "--set", "quantize.method=none", *[a for s in settings for a in ("--set", s)]]
+    assert main([*args, "--params", str(params_file)]) == 0  # whatever the gate decided
+    summary = last_json(capsys)
+    params = load_params(params_file)
+    run = tracking.client_for(params.tracking).get_run(summary["mlflow_run_id"])
+    assert json.loads(run.data.tags["dataset.dropped"]) == {"duplicate": 5, "short_response": 3, "excess_length": 2}
+    assert run.data.metrics["data.export.dropped.duplicate"] == 5 and run.data.metrics["data.export.rows"] == len(chats)
+    report = tracking.client_for(params.tracking).download_artifacts(run.info.run_id, "data_validation.md")
+    assert "| duplicate rows (exact copy of an earlier conversation) | 5 |" in Path(report).read_text()
