@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from llmops import tracking
 from llmops.config import DEFAULT_PARAMS, load_params
+from llmops.data import DatasetRef
 from llmops.orchestration import cached_stage, stage
 from tasks.evaluate import ModelScores, evaluate_models
 from tasks.finetune import finetune, training_crashed
@@ -42,6 +43,7 @@ promote_task = stage(promote)
 
 class RetrainSummary(BaseModel):
     mlflow_run_id: str
+    dataset: DatasetRef
     stages: list[tracking.StageTiming]
     candidate: ModelScores
     champion: ModelScores | None
@@ -104,7 +106,7 @@ def retrain(
             params.data.train,
             params.data.eval,
             docs_dir=run_dir / "data_docs",
-            out=run_dir / "validate",  # the cleaned splits: what trains and evaluates
+            out=params.work_dir / "cleaned",  # what trains and evaluates; named by content, so caches hold
             excess_length=params.data.excess_length,
             chat_template=params.data.chat_template,
         )
@@ -116,7 +118,8 @@ def retrain(
         run.set_tags(data.lineage_tags())
         if data.dvc_file:
             run.log_file(data.dvc_file, "dataset.dvc")  # with it, `dvc pull` restores this exact data
-        run.log_artifacts(run_dir / "validate", "data_cleaned")  # the exact rows that trained and evaluated
+        for split in (data.train, data.eval):  # the exact rows that trained and evaluated
+            run.log_file(split, f"data_cleaned/{split.name}")
         adapter = run.stage(
             "finetune",
             finetune_task,
@@ -162,6 +165,7 @@ def retrain(
 
     return RetrainSummary(
         mlflow_run_id=run.run_id,
+        dataset=data,
         stages=run.timings,
         candidate=report.candidate,
         champion=report.champion,

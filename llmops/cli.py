@@ -152,6 +152,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: Any, params: Params) -> None:
+    data = summary.dataset
+    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(data.dropped.items())) or "none"
+    print(f"\nData: {data.train_rows} training and {data.eval_rows} eval conversations; dropped: {dropped}")
     print("\nStages")
     for timing in summary.stages:
         print(f"  {timing.name:<15} {timing.seconds:7.1f}s{'  (cached)' if timing.cached else ''}")

@@ -18,7 +18,9 @@ from prefect.logging.handlers import APILogHandler
 from pydantic import BaseModel
 
 # Code every stage depends on besides its own module: a change here must invalidate every cache.
-_SHARED_MODULES = [Path(__file__).with_name(name) for name in ("modeling.py", "data.py", "files.py", "training.py")]
+_SHARED_MODULES = [
+    Path(__file__).with_name(name) for name in ("modeling.py", "chat.py", "data.py", "files.py", "training.py")
+]
 
 
 class _InsideARun(logging.Filter):

@@ -447,7 +447,8 @@ def check_split(
 ) -> SplitReport:
     """Clean and validate one JSONL file. With `other` (the eval split), exact copies of its conversations are
     dropped and prompts that leak into it counted; with `joins` (the training set an incoming batch joins),
-    rows already in it count as duplicates; with `out`, the cleaned rows are written to `out/<name>.jsonl`."""
+    rows already in it count as duplicates; with `out`, the cleaned rows are written to
+    `out/<name>-<content hash>.jsonl`."""
     parsed = parse_jsonl(path, params.max_line_bytes)
     md5 = file_md5(path)
     if not parsed.rows:  # nothing readable (an unreadable file, or no line parsed): the suite has nothing to judge
@@ -499,10 +500,12 @@ def check_split(
     ]
     changed = bool(cleaning.dropped or cleaning.truncated or cleaning.redacted)
     cleaned = cleaned_md5 = None
-    if out is not None:
-        cleaned = out / f"{path.stem}.jsonl"
-        write_jsonl(cleaned, [c for _, c in cleaning.kept])
-        cleaned_md5 = file_md5(cleaned)
+    if out is not None:  # named by content: never overwritten with other rows, the same path for the same rows
+        scratch = out / f".{path.stem}-{os.getpid()}.jsonl"
+        write_jsonl(scratch, [c for _, c in cleaning.kept])
+        cleaned_md5 = file_md5(scratch)
+        cleaned = out / f"{path.stem}-{cleaned_md5[:12]}.jsonl"
+        os.replace(scratch, cleaned)
     return SplitReport(
         path=path,
         format=parsed.format,
@@ -580,11 +583,10 @@ def validate_dataset(
     options = {"excess_length": excess_length, "chat_template": template, "docs_dir": docs_dir}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    train_out, eval_out = (out / "train", out / "eval") if out else (None, None)
     return DataReport(
         splits=[
-            check_split(params, base_model, max_seq_len, train, other=eval, out=train_out, **options),
-            check_split(params, base_model, max_seq_len, eval, out=eval_out, **options),
+            check_split(params, base_model, max_seq_len, train, other=eval, out=out, **options),
+            check_split(params, base_model, max_seq_len, eval, out=out, **options),
         ],
         chat_template=template,
     )
@@ -611,7 +613,7 @@ def main() -> None:
     if report.ok:
         # The cleaned files were written in the temporary folder; point the reference at their final place.
         ref = report.require_valid()
-        moved = {"train": out / "cleaned" / "train" / ref.train.name, "eval": out / "cleaned" / "eval" / ref.eval.name}
+        moved = {"train": out / "cleaned" / ref.train.name, "eval": out / "cleaned" / ref.eval.name}
         save_result(ref.model_copy(update=moved), out)
     if not report.ok:
         sys.exit(str(InvalidData(report)))  # exit status 1 stops `dvc repro` before training

@@ -163,7 +163,7 @@ def test_the_cleaned_splits_and_their_hashes_go_into_the_dataset_reference(tmp_p
     ref = validate_dataset(
         PARAMS, str(assets / "model"), CHAT_MAX_SEQ_LEN, train, eval_, out=tmp_path / "out"
     ).require_valid()
-    assert ref.train == tmp_path / "out" / "train" / "train.jsonl" and ref.train_rows == 12
+    assert ref.train == tmp_path / "out" / f"train-{ref.train_md5[:12]}.jsonl" and ref.train_rows == 12
     assert ref.raw_train == train and ref.dropped == {"duplicate": 1}
     tags = ref.lineage_tags()
     assert tags["dataset.train"] == str(train) and tags["dataset.cleaned_train_md5"] == ref.train_md5
