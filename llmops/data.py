@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
 from llmops.errors import LLMOpsError
 
@@ -235,3 +236,32 @@ def restore_files(dvc_record: str, dvc_file: Path, files: list[Path]) -> list[Pa
     restored = restore(dvc_record, root)
     tracked = dvc_file.with_suffix("")
     return [restored / f.relative_to(tracked) if f.is_relative_to(tracked) else f for f in files]
+
+
+class DatasetRef(BaseModel, frozen=True):
+    """A validated dataset: where it is and exactly which content it had."""
+
+    train: Path
+    eval: Path
+    train_rows: int
+    eval_rows: int
+    train_md5: str
+    eval_md5: str
+    dvc_file: Path | None = None  # the .dvc file tracking the training data, when it is DVC-tracked
+    dvc_version: str | None = None  # the hash that .dvc file records
+
+    @property
+    def digest(self) -> str:
+        """The dataset's version for lineage: DVC's hash when tracked, else the two splits' content hashes."""
+        return self.dvc_version or f"{self.train_md5[:16]}{self.eval_md5[:16]}"
+
+    def lineage_tags(self) -> dict[str, str]:
+        return {
+            "dataset.train": str(self.train),
+            "dataset.eval": str(self.eval),
+            "dataset.version": self.digest,
+            "dataset.dvc_file": str(self.dvc_file or ""),
+            "dataset.train_rows": str(self.train_rows),
+            "dataset.eval_rows": str(self.eval_rows),
+            "dataset.validation": "passed",
+        }

@@ -8,10 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GPTQConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from llmops.data import Example
+from llmops.devices import GPTQ_KERNELS
 from llmops.errors import LLMOpsError
 
 PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
@@ -38,11 +46,13 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 def load_model(
     name_or_path: str | Path, quantization: str = "none", dtype: torch.dtype = torch.float32, device: str | None = None
 ) -> PreTrainedModel:
-    """Load a causal LM in `dtype` (float32 by default, on the CPU), or in NF4 4-bit (bitsandbytes) for QLoRA
-    with `dtype` as the compute type.
+    """Load a causal LM in `dtype` on `device` (float32 on the CPU by default; stages pass the device policy,
+    `llmops.devices.resolve_placement`), or in NF4 4-bit (bitsandbytes) for QLoRA with `dtype` as the compute
+    type.
 
-    A checkpoint that is already quantized (GPTQ) loads with the quantization its config records; passing
-    any `quantization_config`, even None, would override that and silently drop the packed weights.
+    A checkpoint that is already quantized (GPTQ) loads with the quantization its config records; only the
+    kernel is chosen here, for the device (`llmops.devices.GPTQ_KERNELS`): transformers keeps the checkpoint's
+    config and takes just the loading attributes from the one passed.
     """
     options: dict = {"dtype": dtype}
     if device is not None:
@@ -52,6 +62,10 @@ def load_model(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     try:
+        recorded = getattr(AutoConfig.from_pretrained(str(name_or_path)), "quantization_config", None)
+        if isinstance(recorded, dict) and recorded.get("quant_method") == "gptq" and quantization == "none":
+            kernel = GPTQ_KERNELS["cuda" if str(device or "cpu").startswith("cuda") else "cpu"]
+            options["quantization_config"] = GPTQConfig(bits=recorded["bits"], backend=kernel)
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **options)
     except OSError as exc:
         raise _not_found(name_or_path, exc) from None
@@ -111,7 +125,10 @@ def response_perplexity(
     total_loss, total_tokens = 0.0, 0
     encoded = [encode_example(tokenizer, example, max_seq_len) for example in examples]
     for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        batch = {
+            k: v.to(model.device)
+            for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
+        }
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         targets = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
@@ -147,7 +164,7 @@ def generate(
     generations: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         texts = [prefix + format_prompt(p) for p in prompts[start : start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -170,7 +187,8 @@ def max_logit_difference(
     worst = 0.0
     for prompt in prompts:
         ids = tokenizer(format_prompt(prompt), return_tensors="pt")["input_ids"]
-        diff = (model_a(input_ids=ids).logits.float() - model_b(input_ids=ids).logits.float()).abs().max()
+        logits_a = model_a(input_ids=ids.to(model_a.device)).logits.float()
+        diff = (logits_a - model_b(input_ids=ids.to(model_b.device)).logits.float().to(logits_a.device)).abs().max()
         worst = max(worst, diff.item())
     return worst
 

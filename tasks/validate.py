@@ -17,7 +17,7 @@ import pandas as pd
 from pydantic import BaseModel
 
 from llmops.config import ValidateParams, dvc_stage_args
-from llmops.data import FIELDS, Example, file_md5, parse_jsonl, tracked_version
+from llmops.data import FIELDS, DatasetRef, Example, file_md5, parse_jsonl, tracked_version
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, save_result, write_json
 from llmops.modeling import format_prompt, load_tokenizer
@@ -70,35 +70,6 @@ class SplitReport(BaseModel, frozen=True):
         shown = self.structural[:EXAMPLES_SHOWN]
         more = len(self.structural) - len(shown)
         return shown + ([f"... and {more} more malformed line(s)"] if more else []) + [str(f) for f in self.failures]
-
-
-class DatasetRef(BaseModel, frozen=True):
-    """A validated dataset: where it is and exactly which content it had."""
-
-    train: Path
-    eval: Path
-    train_rows: int
-    eval_rows: int
-    train_md5: str
-    eval_md5: str
-    dvc_file: Path | None = None  # the .dvc file tracking the training data, when it is DVC-tracked
-    dvc_version: str | None = None  # the hash that .dvc file records
-
-    @property
-    def digest(self) -> str:
-        """The dataset's version for lineage: DVC's hash when tracked, else the two splits' content hashes."""
-        return self.dvc_version or f"{self.train_md5[:16]}{self.eval_md5[:16]}"
-
-    def lineage_tags(self) -> dict[str, str]:
-        return {
-            "dataset.train": str(self.train),
-            "dataset.eval": str(self.eval),
-            "dataset.version": self.digest,
-            "dataset.dvc_file": str(self.dvc_file or ""),
-            "dataset.train_rows": str(self.train_rows),
-            "dataset.eval_rows": str(self.eval_rows),
-            "dataset.validation": "passed",
-        }
 
 
 class InvalidData(LLMOpsError):
