@@ -18,21 +18,22 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from llmops.config import FinetuneParams, MergeParams, QuantizeParams, ValidateParams
+from llmops.config import EvaluateParams, FinetuneParams, MergeParams, QuantizeParams, ValidateParams
 from llmops.data import Conversation, read_conversations, write_jsonl
+from llmops.devices import GPTQ_KERNELS
 from llmops.modeling import folder_size_bytes, generate, load_model, load_tokenizer, response_perplexity
 from tasks.bootstrap import world
+from tasks.evaluate import evaluate_models
 from tasks.finetune import finetune
 from tasks.merge import merge_adapter
 from tasks.quantize import quantize_model
-from tasks.validate import validate_dataset
 
 PROJECT = Path(__file__).resolve().parents[1]
 WORK = PROJECT / "work" / "bench"
@@ -60,6 +61,8 @@ def timed(fn) -> tuple[float, object]:
 
 
 def dataset(train: Path, eval_: Path) -> object:
+    from tasks.validate import validate_dataset  # Great Expectations: not needed by the gpu group
+
     return validate_dataset(ValidateParams(max_prompt_tokens=4096), str(BASE), 512, train, eval_).require_valid()
 
 
@@ -253,12 +256,51 @@ def flow_figures() -> list[Figure]:
     ]
 
 
-def gpu_figures(demo) -> list[Figure]:
-    """On a CUDA GPU: bf16 LoRA and bitsandbytes QLoRA on a ~300M-parameter model, with model FLOPs
-    utilisation against this GPU's measured bf16 matrix-multiply rate."""
-    model = medium_model(WORK / "model-300m", hidden=1024, layers=24)
-    parameters = sum(t.numel() for t in load_model(model).parameters())
-    size, repeats = 8192, 20
+def qwen2_model(folder: Path) -> Path:
+    """A randomly initialised model shaped like Qwen2.5-0.5B (24 layers, 896 wide, grouped-query attention,
+    151,936-row tied embedding: 494M parameters), saved in bf16 as such checkpoints are, with the tiny
+    model's tokenizer (its ids are a subset of the embedding rows)."""
+    if not (folder / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(BASE)
+        config = Qwen2Config(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        del model
+    return folder
+
+
+def dataset_ref(train: Path, eval_: Path):
+    """The reference to data this bench generated itself, without the Great Expectations suite (a GPU host
+    may not have it installed; the CPU groups validate the same generator's output)."""
+    from llmops.data import DatasetRef, file_md5
+
+    return DatasetRef(
+        train=train,
+        eval=eval_,
+        train_rows=len(read_conversations(train)),
+        eval_rows=len(read_conversations(eval_)),
+        train_md5=file_md5(train),
+        eval_md5=file_md5(eval_),
+    )
+
+
+def bf16_matmul_rate(size: int = 8192, repeats: int = 20) -> float:
+    """This GPU's dense bf16 matrix-multiply rate in FLOP/s: the ceiling MFU is measured against."""
     a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 
     def matmuls(count: int) -> None:
@@ -268,33 +310,188 @@ def gpu_figures(demo) -> list[Figure]:
 
     matmuls(3)  # warm-up
     seconds, _ = timed(lambda: matmuls(repeats))
-    peak = repeats * 2 * size**3 / seconds
-    runs = {
-        q: finetune(
-            FinetuneParams(quantization=q, epochs=2, batch_size=32), str(model), demo, WORK / f"gpu-{q}", WORK / "ckpt"
+    return repeats * 2 * size**3 / seconds
+
+
+def generation_speed(folder: Path, prompts: list[str], batch: int, new_tokens: int) -> float:
+    """New tokens per second of greedy generation, `batch` prompts at a time, exactly `new_tokens` each
+    (EOS is not allowed to end a row early, so both models generate the same number of tokens). One untimed
+    pass over the same batches first: Triton tunes its GPTQ kernel for every new input shape."""
+    model, tokenizer = load_model(folder, dtype=torch.bfloat16, device="cuda"), load_tokenizer(folder)
+    tokenizer.padding_side = "left"
+
+    def run(rows: list[str]) -> None:
+        ids = tokenizer(rows, return_tensors="pt", padding=True).to("cuda")
+        model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    def run_all() -> None:
+        for start in range(0, len(prompts), batch):
+            run(prompts[start : start + batch])
+        torch.cuda.synchronize()
+
+    run_all()
+    seconds, _ = timed(run_all)
+    return len(prompts) * new_tokens / seconds
+
+
+def gpu_figures() -> list[Figure]:
+    """On a CUDA GPU, a Qwen2-shaped 0.5B model: bf16 LoRA and NF4 QLoRA throughput with model FLOPs
+    utilisation against this GPU's measured bf16 matmul rate, their peak memory, the wall time of merge,
+    GPTQ quantization and evaluation on the GPU, and GPTQ generation speed against the bf16 merged model."""
+    setup = GpuSetup.make()
+    figures, adapter = gpu_training_figures(setup)
+    stages, merged, quantized = gpu_stage_figures(setup, adapter)
+    return figures + gpu_memory_figures(setup) + stages + gpu_generation_figures(setup, merged, quantized)
+
+
+@dataclass
+class GpuSetup:
+    """What every GPU figure shares: the 0.5B model, its variable-length data, the GPU's bf16 matmul rate."""
+
+    model: Path
+    data: object
+    parameters: int
+    peak_flops: float
+    folder: Path = WORK / "gpu"
+
+    @property
+    def where(self) -> str:
+        return f"{torch.cuda.get_device_name()}, Qwen2-shaped {self.parameters / 1e6:.0f}M parameters"
+
+    @classmethod
+    def make(cls) -> GpuSetup:
+        peak = bf16_matmul_rate()
+        model = qwen2_model(WORK / "qwen2-0.5b")
+        parameters = sum(t.numel() for t in load_model(model, device="cuda").parameters())
+        (WORK / "gpu").mkdir(parents=True, exist_ok=True)
+        return cls(model, dataset_ref(*variable_length_data(WORK / "gpu")), parameters, peak)
+
+
+def gpu_training_figures(setup: GpuSetup) -> tuple[list[Figure], object]:
+    """bf16 LoRA and NF4 QLoRA throughput with MFU; returns the LoRA adapter for the pipeline figures."""
+    model, data, folder, where, peak, parameters = (
+        setup.model,
+        setup.data,
+        setup.folder,
+        setup.where,
+        setup.peak_flops,
+        setup.parameters,
+    )
+    figures = []
+
+    # Throughput: packed 1024-token sequences, 8 per step, no recomputation.
+    speed = {}
+    for quantization in ("none", "nf4"):
+        params = FinetuneParams(
+            quantization=quantization, epochs=4, batch_size=8, max_seq_len=1024, packing=True, learning_rate=1e-4
         )
-        for q in ("none", "nf4")
-    }
+        speed[quantization] = finetune(params, str(model), data, folder / f"speed-{quantization}", folder / "ckpt")
     # Frozen base: forward 2N and input gradients 2N FLOPs per token; the adapter's own gradients are negligible.
-    mfu = {q: 4 * parameters * run.tokens_per_second / peak for q, run in runs.items()}
-    name = torch.cuda.get_device_name()
-    return [
+    mfu = {q: 4 * parameters * run.tokens_per_second / peak for q, run in speed.items()}
+    figures += [
+        Figure(
+            "gpu_lora_mfu",
+            mfu["none"],
+            1.0,
+            "fraction",
+            f"{where}: bf16 LoRA (r 16, all projections), packing, 8 x 1024 tokens per step, "
+            f"{speed['none'].tokens_per_second:.0f} tokens/s = {mfu['none']:.1%} of the measured "
+            f"{peak / 1e12:.0f} TFLOP/s bf16 matmul rate (4N FLOPs per token, attention not counted)",
+        ),
         Figure(
             "gpu_qlora_throughput",
-            runs["nf4"].tokens_per_second,
-            runs["none"].tokens_per_second,
+            speed["nf4"].tokens_per_second,
+            speed["none"].tokens_per_second,
             "tokens/s",
-            f"{name}, {parameters / 1e6:.0f}M parameters, bf16; MFU LoRA {mfu['none']:.1%}, QLoRA {mfu['nf4']:.1%} "
-            f"of the measured {peak / 1e12:.0f} TFLOP/s bf16 matmul rate",
-        ),
-        Figure(
-            "gpu_qlora_memory",
-            runs["nf4"].peak_memory_mb,
-            runs["none"].peak_memory_mb,
-            "MB",
-            f"{name}: peak GPU memory allocated, QLoRA vs LoRA, {parameters / 1e6:.0f}M parameters",
+            f"{where}: NF4 QLoRA vs bf16 LoRA, same packed batches; MFU QLoRA {mfu['nf4']:.1%}, "
+            f"peak memory {speed['nf4'].peak_memory_mb:.0f} vs {speed['none'].peak_memory_mb:.0f} MB",
         ),
     ]
+    return figures, speed["none"]
+
+
+def gpu_memory_figures(setup: GpuSetup) -> list[Figure]:
+    """Peak GPU memory of QLoRA vs LoRA training."""
+    model, data, folder, where = setup.model, setup.data, setup.folder, setup.where
+    # Memory: the setting QLoRA exists for, one 512-token sequence per pass with recomputation, so the
+    # weights rather than the activations dominate.
+    memory = {}
+    for quantization in ("none", "nf4"):
+        params = FinetuneParams(
+            quantization=quantization,
+            epochs=0.05,
+            batch_size=4,
+            micro_batch_size=1,
+            max_seq_len=512,
+            packing=True,
+            gradient_checkpointing=True,
+            learning_rate=1e-4,
+        )
+        memory[quantization] = finetune(params, str(model), data, folder / f"mem-{quantization}", folder / "ckpt")
+    return [
+        Figure(
+            "gpu_qlora_memory",
+            memory["nf4"].peak_memory_mb,
+            memory["none"].peak_memory_mb,
+            "MB",
+            f"{where}: peak torch.cuda.max_memory_allocated while training, NF4 QLoRA vs bf16 LoRA, micro-batch "
+            "1 x 512 tokens, gradient checkpointing",
+        )
+    ]
+
+
+def gpu_stage_figures(setup: GpuSetup, adapter) -> tuple[list[Figure], Path, Path]:
+    """Merge, GPTQ and evaluation wall times on the GPU, from `adapter`; returns the merged and GPTQ folders."""
+    model, data, folder, where = setup.model, setup.data, setup.folder, setup.where
+    merge_s, merged = timed(
+        lambda: merge_adapter(MergeParams(), str(model), adapter, data, folder / "merged", device="cuda")
+    )
+    quantize_params = QuantizeParams(calibration_samples=64)
+    quantize_s, quantized = timed(lambda: quantize_model(quantize_params, merged, data, folder / "gptq", "cuda"))
+    evaluate_params = EvaluateParams(max_samples=40, max_new_tokens=24)
+    evaluate_s, _ = timed(
+        lambda: evaluate_models(
+            evaluate_params, quantized.model_dir, str(model), None, data, folder / "eval", device="cuda"
+        )
+    )
+    figure = Figure(
+        "gpu_stage_seconds",
+        merge_s + quantize_s + evaluate_s,
+        1.0,
+        "s",
+        f"{where}: wall time of merge {merge_s:.1f} s (float32, with the logit check), GPTQ quantize "
+        f"{quantize_s:.1f} s (4-bit, {quantize_params.calibration_samples} calibration rows, reload and "
+        f"perplexity included; ratio {quantized.perplexity_ratio:.3f}), evaluate {evaluate_s:.1f} s "
+        f"(candidate and base, {evaluate_params.max_samples} rows, bf16)",
+    )
+    return [figure], merged.model_dir, quantized.model_dir
+
+
+def gpu_generation_figures(setup: GpuSetup, merged: Path, quantized: Path, new_tokens: int = 32) -> list[Figure]:
+    """GPTQ generation speed with its CUDA kernel against the bf16 merged model, at batch 1 and 16."""
+    prompts = [e.prompt for e in read_conversations(setup.data.eval)[:16]]
+    figures = []
+    for batch in (1, 16):
+        rows = prompts[:4] if batch == 1 else prompts
+        gptq, bf16 = (generation_speed(f, rows, batch, new_tokens) for f in (quantized, merged))
+        figures.append(
+            Figure(
+                f"gpu_gptq_generation_batch{batch}",
+                gptq,
+                bf16,
+                "tokens/s",
+                f"{setup.where}: greedy generation, batch {batch}, {new_tokens} new tokens per row, GPTQ 4-bit "
+                f"({GPTQ_KERNELS['cuda']} kernel) vs the bf16 merged model; one untimed pass first",
+            )
+        )
+    return figures
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def _list(values: list[float]) -> str:
@@ -311,7 +508,9 @@ def write_report(figures: list[Figure]) -> None:
     old = json.loads(results_file.read_text()) if results_file.exists() else []
     results = [fresh.pop(row["name"], row) for row in old] + list(fresh.values())
     results_file.write_text(json.dumps(results, indent=2) + "\n")
-    packages = ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "peft", "deepspeed", "gptqmodel"))
+    packages = ", ".join(
+        f"{p} {_version(p)}" for p in ("torch", "transformers", "peft", "bitsandbytes", "deepspeed", "gptqmodel")
+    )
     lines = [
         "# Benchmarks",
         "",
@@ -342,7 +541,7 @@ GROUPS = {
     "qlora": lambda demo: qlora_memory(demo, medium_model(WORK / "model-57m", hidden=768, layers=8)),
     "gptq": gptq_figures,
     "flow": lambda demo: flow_figures(),
-    "gpu": lambda demo: gpu_figures(demo) if torch.cuda.is_available() else [],
+    "gpu": lambda demo: gpu_figures() if torch.cuda.is_available() else [],
 }
 
 
@@ -355,7 +554,9 @@ def main() -> None:
         parser.error(f"unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
     shutil.rmtree(WORK, ignore_errors=True)  # a cache left by the last bench would fake the first-run times
     WORK.mkdir(parents=True)
-    demo = dataset(PROJECT / "data/demo/train.jsonl", PROJECT / "data/demo/eval.jsonl")
+    # The gpu group makes its own data: a GPU host needs neither the demo split nor its validation suite.
+    needs_demo = set(chosen) != {"gpu"}
+    demo = dataset(PROJECT / "data/demo/train.jsonl", PROJECT / "data/demo/eval.jsonl") if needs_demo else None
     figures = [figure for group in chosen for figure in GROUPS[group](demo)]
     write_report(figures)
     for figure in figures:

@@ -60,7 +60,17 @@ def monitor(params_file: str = str(DEFAULT_PARAMS), incoming: str | None = None)
     experiment = f"{params.tracking.experiment}-monitor"
 
     with tracking.TrackedRun(params, runtime.flow_run.name, tags, experiment=experiment) as run:
-        report = run.stage("drift", drift_task, params.monitor, reference, files, champion_dir, out=run_dir)
+        report = run.stage(
+            "drift",
+            drift_task,
+            params.monitor,
+            reference,
+            files,
+            champion_dir,
+            out=run_dir,
+            device=params.model.device,
+            dtype=params.model.dtype,
+        )
         run.log_text(report.to_markdown(), "drift_report.md")
         run.log_artifacts(run_dir, "drift")
         run.set_tags({"drifted": str(report.drifted).lower()})

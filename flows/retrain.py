@@ -128,9 +128,29 @@ def retrain(
             data,
             out=run_dir / "finetune",
             checkpoints=params.work_dir / "checkpoints",
+            device=params.model.device,
+            dtype=params.model.dtype,
         )
-        merged = run.stage("merge", merge_task, params.merge, params.model.base, adapter, data, out=run_dir / "merge")
-        deployable = run.stage("quantize", quantize_task, params.quantize, merged, data, out=run_dir / "quantize")
+        merged = run.stage(
+            "merge",
+            merge_task,
+            params.merge,
+            params.model.base,
+            adapter,
+            data,
+            out=run_dir / "merge",
+            device=params.model.device,
+        )
+        deployable = run.stage(
+            "quantize",
+            quantize_task,
+            params.quantize,
+            merged,
+            data,
+            out=run_dir / "quantize",
+            device=params.model.device,
+            dtype=params.model.dtype,
+        )
         champion_dir = run.stage(
             "fetch_champion",
             fetch_champion_task,
@@ -147,6 +167,8 @@ def retrain(
             champion_dir,
             data,
             out=run_dir / "evaluate",
+            device=params.model.device,
+            dtype=params.model.dtype,
         )
         decision = run.stage("gate", gate_task, params.gate, report, deployable)
         run.log_text(decision.to_markdown(), "gate_report.md")

@@ -34,6 +34,14 @@ class ModelParams(Section):
         "models/tiny-llama",
         description="Base causal LM: a local folder (relative to params.yaml) or a Hugging Face model id.",
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where every stage runs the model: `auto` is a CUDA GPU when one is visible, else the CPU."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights and activations type of every stage (merge stays float32): `auto` is bfloat16 on a GPU "
+        "that supports it, float16 on an older GPU, float32 on the CPU.",
+    )
 
 
 class DataParams(Section):
@@ -179,7 +187,7 @@ class FinetuneParams(Section):
         False, description="Recompute activations in the backward pass: less memory for about a third more compute."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="`auto`: bf16 on a GPU that supports it, fp32 otherwise."
+        "auto", description="Training precision; `auto` follows the device policy (model.device / model.dtype)."
     )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
     seed: int = Field(0, description="Seed for adapter init and data order.")
@@ -231,14 +239,31 @@ class EvaluateParams(Section):
     max_samples: int | None = Field(None, ge=1, description="Evaluate on the first N eval rows (all if unset).")
 
 
-class GateParams(Section):
-    """The promotion rules. Rates are fractions in [0, 1]."""
+Metric = Literal["perplexity", "rouge_l", "bleu", "exact_match", "eos_rate"]
+LOWER_IS_BETTER = {"perplexity"}
 
-    min_exact_match: float = Field(0.3, ge=0, le=1, description="Absolute floor on exact match.")
-    min_rouge_l: float = Field(0.5, ge=0, le=1, description="Absolute floor on ROUGE-L F1.")
-    min_eos_rate: float = Field(0.9, ge=0, le=1, description="Share of generations that must stop at EOS.")
+
+class GateParams(Section):
+    """The promotion rules: which metrics have floors, which must improve on the base model, which must not
+    regress against the champion. Rates are fractions in [0, 1]. The defaults suit open-ended chat data
+    (perplexity and ROUGE-L); exact match only means something where answers are short and fixed."""
+
+    floors: dict[Metric, float] = Field(
+        default_factory=dict,
+        description="Absolute bounds the candidate must meet: a minimum for rates, a maximum for perplexity. "
+        "Example: {rouge_l: 0.3, eos_rate: 0.9}.",
+    )
+    vs_base: list[Metric] = Field(
+        default_factory=lambda: ["perplexity", "rouge_l"],
+        description="Metrics on which the candidate must beat the base model. Where both score 0 on a rate there "
+        "is nothing to compare, and the check passes, saying so.",
+    )
+    vs_champion: list[Metric] = Field(
+        default_factory=lambda: ["perplexity", "rouge_l"],
+        description="Metrics on which the candidate must not fall behind the champion beyond the margins below.",
+    )
     max_regression: float = Field(
-        0.02, ge=0, le=1, description="Exact-match / ROUGE-L drop vs champion tolerated regardless of noise."
+        0.02, ge=0, le=1, description="Drop of a rate vs champion tolerated regardless of noise."
     )
     noise_z: float = Field(
         2.0, ge=0, description="Also tolerate drops within this many standard errors of the difference."
@@ -249,7 +274,15 @@ class GateParams(Section):
     max_quantization_ppl_ratio: float = Field(
         1.10, ge=1, description="Largest perplexity ratio of the quantized model to the merged one."
     )
-    require_better_than_base: bool = Field(True, description="Candidate must beat the base on exact match.")
+
+    @model_validator(mode="after")
+    def _rates_are_fractions(self) -> GateParams:
+        for metric, bound in self.floors.items():
+            if metric in LOWER_IS_BETTER and bound < 1:
+                raise ValueError(f"floors.{metric} is a maximum perplexity and must be >= 1, got {bound}")
+            if metric not in LOWER_IS_BETTER and not 0 <= bound <= 1:
+                raise ValueError(f"floors.{metric} is a rate and must be between 0 and 1, got {bound}")
+        return self
 
 
 class RegistryParams(Section):

@@ -10,11 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GPTQConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from llmops.chat import IGNORE_INDEX, render, render_prompt
 from llmops.data import Conversation, Turn
+from llmops.devices import GPTQ_KERNELS
 from llmops.errors import LLMOpsError
 
 # Evaluation scores whole conversations: the validate stage already fit every row to finetune.max_seq_len.
@@ -39,11 +47,13 @@ def load_tokenizer(name_or_path: str | Path, chat_template: str | None = None) -
 def load_model(
     name_or_path: str | Path, quantization: str = "none", dtype: torch.dtype = torch.float32, device: str | None = None
 ) -> PreTrainedModel:
-    """Load a causal LM in `dtype` (float32 by default, on the CPU), or in NF4 4-bit (bitsandbytes) for QLoRA
-    with `dtype` as the compute type.
+    """Load a causal LM in `dtype` on `device` (float32 on the CPU by default; stages pass the device policy,
+    `llmops.devices.resolve_placement`), or in NF4 4-bit (bitsandbytes) for QLoRA with `dtype` as the compute
+    type.
 
-    A checkpoint that is already quantized (GPTQ) loads with the quantization its config records; passing
-    any `quantization_config`, even None, would override that and silently drop the packed weights.
+    A checkpoint that is already quantized (GPTQ) loads with the quantization its config records; only the
+    kernel is chosen here, for the device (`llmops.devices.GPTQ_KERNELS`): transformers keeps the checkpoint's
+    config and takes just the loading attributes from the one passed.
     """
     options: dict = {"dtype": dtype}
     if device is not None:
@@ -53,6 +63,10 @@ def load_model(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     try:
+        recorded = getattr(AutoConfig.from_pretrained(str(name_or_path)), "quantization_config", None)
+        if isinstance(recorded, dict) and recorded.get("quant_method") == "gptq" and quantization == "none":
+            kernel = GPTQ_KERNELS["cuda" if str(device or "cpu").startswith("cuda") else "cpu"]
+            options["quantization_config"] = GPTQConfig(bits=recorded["bits"], backend=kernel)
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **options)
     except OSError as exc:
         raise _not_found(name_or_path, exc) from None
@@ -104,7 +118,10 @@ def response_perplexity(
     total_loss, total_tokens = 0.0, 0
     encoded = [encode_conversation(tokenizer, conversation, max_seq_len) for conversation in conversations]
     for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        batch = {
+            k: v.to(model.device)
+            for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
+        }
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         targets = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
@@ -140,7 +157,7 @@ def generate(
     generations: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         rendered = [{"input_ids": render_prompt(tokenizer, p)} for p in prompts[start : start + batch_size]]
-        batch = tokenizer.pad(rendered, return_tensors="pt", padding=True)
+        batch = tokenizer.pad(rendered, return_tensors="pt", padding=True).to(model.device)
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -166,7 +183,8 @@ def max_logit_difference(
     worst = 0.0
     for prompt in prompts:
         ids = torch.tensor([render_prompt(tokenizer, prompt)])
-        diff = (model_a(input_ids=ids).logits.float() - model_b(input_ids=ids).logits.float()).abs().max()
+        logits_a = model_a(input_ids=ids.to(model_a.device)).logits.float()
+        diff = (logits_a - model_b(input_ids=ids.to(model_b.device)).logits.float().to(logits_a.device)).abs().max()
         worst = max(worst, diff.item())
     return worst
 

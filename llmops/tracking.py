@@ -158,10 +158,12 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     """The registered model: prompts in, greedy completions out, through the same code the evaluation used."""
 
     def load_context(self, context) -> None:
+        from llmops.devices import resolve_placement
         from llmops.modeling import load_model, load_tokenizer
 
+        placement = resolve_placement()  # the serving host's own: its GPU in bf16 if it has one, else the CPU
         self.tokenizer = load_tokenizer(context.artifacts["model"])
-        self.model = load_model(context.artifacts["model"])
+        self.model = load_model(context.artifacts["model"], dtype=placement.dtype, device=placement.device)
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
         from llmops.modeling import generate

@@ -24,6 +24,7 @@ from scipy.stats import ks_2samp
 from llmops.chat import render
 from llmops.config import MonitorParams
 from llmops.data import Conversation, read_conversations, restore_files
+from llmops.devices import DeviceChoice, DtypeChoice, resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir
 from llmops.modeling import EVAL_MAX_SEQ_LEN, load_model, load_tokenizer, response_perplexity
@@ -79,10 +80,16 @@ class DriftReport(BaseModel, frozen=True):
 
 
 def detect_drift(
-    params: MonitorParams, reference: Path, incoming: list[Path], champion_dir: Path, out: Path
+    params: MonitorParams,
+    reference: Path,
+    incoming: list[Path],
+    champion_dir: Path,
+    out: Path,
+    device: DeviceChoice = "auto",
+    dtype: DtypeChoice = "auto",
 ) -> DriftReport:
     """Compare `incoming` (JSONL files) with `reference` (the champion's training split) and write a plot of
-    both length distributions into `out`."""
+    both length distributions into `out`. The champion's perplexities run under the device policy."""
     reference_rows = read_conversations(reference)
     incoming_rows = [conversation for path in incoming for conversation in read_conversations(path)]
     tokenizer = load_tokenizer(champion_dir)
@@ -101,7 +108,8 @@ def detect_drift(
             jensenshannon([ref_counts[t] for t in vocabulary], [new_counts[t] for t in vocabulary], base=2) ** 2
         )
         unseen = sum(count for token, count in new_counts.items() if token not in ref_counts) / new_counts.total()
-        model = load_model(champion_dir)
+        placement = resolve_placement(device, dtype)
+        model = load_model(champion_dir, dtype=placement.dtype, device=placement.device)
         ppl_ratio = _perplexity(model, tokenizer, incoming_rows) / _perplexity(model, tokenizer, reference_rows)
         checks = [
             DriftCheck(

@@ -16,6 +16,7 @@ from rouge_score import rouge_scorer
 
 from llmops.config import EvaluateParams, dvc_stage_args
 from llmops.data import Conversation, DatasetRef, read_conversations
+from llmops.devices import DeviceChoice, DtypeChoice, Placement, resolve_placement
 from llmops.files import atomic_dir, load_result, save_result, write_json, write_stage_metadata
 from llmops.modeling import EVAL_MAX_SEQ_LEN, generate, load_model, load_tokenizer, response_perplexity
 from tasks.quantize import QuantizeResult
@@ -61,11 +62,14 @@ def score_model(
     model_path: str | Path,
     examples: list[Conversation],
     chat_template: str | None = None,
+    placement: Placement | None = None,
 ) -> ModelScores:
-    """Perplexity of the assistant turns, then greedy generations of the last one scored against it.
-    `chat_template` replaces the model's own (data.chat_template, for the base model)."""
+    """Perplexity of the assistant turns, then greedy generations of the last one scored against it, on
+    `placement` (the device policy; `auto` if not given). `chat_template` replaces the model's own
+    (data.chat_template, for the base model)."""
+    placement = placement or resolve_placement()
     tokenizer = load_tokenizer(model_path, chat_template)
-    model = load_model(model_path)
+    model = load_model(model_path, dtype=placement.dtype, device=placement.device)
     perplexity = response_perplexity(model, tokenizer, examples, EVAL_MAX_SEQ_LEN)
     generations = generate(model, tokenizer, [e.prompt for e in examples], params.max_new_tokens)
     texts = [g.text for g in generations]
@@ -101,13 +105,18 @@ def evaluate_models(
     champion: Path | None,
     data: DatasetRef,
     out: Path,
+    device: DeviceChoice = "auto",
+    dtype: DtypeChoice = "auto",
 ) -> EvalReport:
-    """Score each model on the same eval rows and write the JSON report to `out`."""
+    """Score each model on the same eval rows, on the device policy's device and type, and write the JSON
+    report to `out`."""
     examples = read_conversations(data.eval)[: params.max_samples]
+    placement = resolve_placement(device, dtype)
+    log.info("evaluating on %s", placement)
     scores = {
-        "candidate": score_model(params, candidate, examples),
-        "base": score_model(params, base_model, examples, data.chat_template),
-        "champion": score_model(params, champion, examples) if champion else None,
+        "candidate": score_model(params, candidate, examples, placement=placement),
+        "base": score_model(params, base_model, examples, data.chat_template, placement),
+        "champion": score_model(params, champion, examples, placement=placement) if champion else None,
     }
     for name, score in scores.items():
         if score:
@@ -128,8 +137,9 @@ def main() -> None:
     """DVC stage `evaluate`: the candidate against the base (the champion lives in the registry, not here)."""
     params, out = dvc_stage_args("evaluate")
     data = load_result(DatasetRef, out.with_name("validate"))
-    candidate = load_result(QuantizeResult, out.with_name("quantize"))
-    report = evaluate_models(params.evaluate, candidate.model_dir, params.model.base, None, data, out)
+    candidate = load_result(QuantizeResult, out.with_name("quantize")).model_dir
+    model = params.model
+    report = evaluate_models(params.evaluate, candidate, model.base, None, data, out, model.device, model.dtype)
     save_result(report, out)
 
 

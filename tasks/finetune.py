@@ -23,11 +23,11 @@ from collections import deque
 from pathlib import Path
 from typing import IO
 
-import torch
 from safetensors.torch import load_file
 
 from llmops.config import DistributedParams, FinetuneParams, dvc_stage_args
 from llmops.data import DatasetRef
+from llmops.devices import DeviceChoice, DtypeChoice, resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_json, write_stage_metadata
 from llmops.training import TrainingJob, TrainingOutcome
@@ -55,18 +55,28 @@ def checkpoint_folder(params: FinetuneParams, base_model: str, data: DatasetRef,
     return checkpoints / key
 
 
-def finetune(params: FinetuneParams, base_model: str, data: DatasetRef, out: Path, checkpoints: Path) -> FinetuneResult:
+def finetune(
+    params: FinetuneParams,
+    base_model: str,
+    data: DatasetRef,
+    out: Path,
+    checkpoints: Path,
+    device: DeviceChoice = "auto",
+    dtype: DtypeChoice = "auto",
+) -> FinetuneResult:
     """Train a LoRA adapter on `data.train` and write it, with its config and metadata, to `out`.
 
     Rows whose response is cut away entirely by `max_seq_len` teach nothing (and would make the loss NaN
     in a batch of only such rows), so they are skipped and counted. Checkpoints go to a folder under
     `checkpoints` keyed by the inputs; training resumes from the newest complete one and removes them once
-    the adapter is saved.
+    the adapter is saved. `device` and `dtype` are the device policy (model.device, model.dtype).
 
     Raises:
         TrainingFailed: a training process died or stalled.
         LLMOpsError: the inputs cannot be trained on (no usable row, a batch size the ranks cannot split).
     """
+    placement = resolve_placement(device, dtype)  # a bad policy fails here, before any process starts
+    log.info("training on %s", placement)
     checkpoint_dir = checkpoint_folder(params, base_model, data, checkpoints)
     with atomic_dir(out) as tmp:
         job = TrainingJob(
@@ -78,6 +88,8 @@ def finetune(params: FinetuneParams, base_model: str, data: DatasetRef, out: Pat
             result_file=tmp / "training.json",
             error_file=tmp / "training-error.txt",
             chat_template=data.chat_template,
+            device=device,
+            dtype=dtype,
         )
         outcome = run_training(job)
         check_adapter(job.adapter_dir, params)
@@ -132,7 +144,7 @@ def run_training(job: TrainingJob) -> TrainingOutcome:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     # Library deprecation notices, once per rank and step, would bury the progress lines.
     env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
-    if not torch.cuda.is_available():
+    if not resolve_placement(job.device, job.dtype).on_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # ranks talk over gloo
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // distributed.processes)))
     process = subprocess.Popen(
@@ -226,7 +238,8 @@ def main() -> None:
     """DVC stage `finetune`."""
     params, out = dvc_stage_args("finetune")
     data = load_result(DatasetRef, out.with_name("validate"))
-    result = finetune(params.finetune, params.model.base, data, out, params.work_dir / "checkpoints")
+    model, checkpoints = params.model, params.work_dir / "checkpoints"
+    result = finetune(params.finetune, model.base, data, out, checkpoints, model.device, model.dtype)
     save_result(result, out)
 
 

@@ -1,5 +1,6 @@
 """The promotion decision: absolute floors, better than base, no regression against the champion beyond a
-noise-aware margin, and bounded quantization loss. One check, one reason; all must pass."""
+noise-aware margin, and bounded quantization loss, on the metrics `gate:` in params.yaml names. One check,
+one reason; all must pass."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import math
 
 from pydantic import BaseModel
 
-from llmops.config import GateParams
-from tasks.evaluate import EvalReport
+from llmops.config import LOWER_IS_BETTER, GateParams
+from tasks.evaluate import EvalReport, ModelScores
 from tasks.quantize import QuantizeResult
 
 
@@ -46,16 +47,38 @@ class GateDecision(BaseModel, frozen=True):
         return "\n".join(lines)
 
 
-def _floor(name: str, value: float, minimum: float) -> Check:
-    passed = value >= minimum
-    verdict = "meets" if passed else "is below"
+def _floor(metric: str, value: float, bound: float) -> Check:
+    """A minimum for rates, a maximum for perplexity."""
+    lower = metric in LOWER_IS_BETTER
+    passed = value <= bound if lower else value >= bound
+    verdict = ("is within" if lower else "meets") if passed else ("is above" if lower else "is below")
     return Check(
-        name=name,
+        name=metric,
         passed=passed,
         candidate=value,
         reference=None,
-        threshold=f">= {minimum}",
-        reason=f"{name} {value:.3f} {verdict} the floor {minimum}",
+        threshold=f"{'<=' if lower else '>='} {bound}",
+        reason=f"{metric} {value:.3f} {verdict} the {'ceiling' if lower else 'floor'} {bound}",
+    )
+
+
+def _beats_base(metric: str, value: float, base: float) -> Check:
+    """Strictly better than the base model. Two zeros on a rate carry no signal either way (an open-ended
+    answer never matches exactly), so they pass: this check must never make promotion impossible."""
+    lower = metric in LOWER_IS_BETTER
+    both_zero = not lower and value == 0 and base == 0
+    passed = both_zero or (value < base if lower else value > base)
+    if both_zero:
+        reason = f"{metric} is 0 for both the candidate and the base model: no signal, not held against it"
+    else:
+        reason = f"{metric} {value:.3f} {'beats' if passed else 'does not beat'} the base model's {base:.3f}"
+    return Check(
+        name=f"{metric} vs base",
+        passed=passed,
+        candidate=value,
+        reference=base,
+        threshold="< base" if lower else "> base",
+        reason=reason,
     )
 
 
@@ -77,26 +100,30 @@ def _no_regression(
     )
 
 
+def _perplexity_vs_champion(value: float, champion: float, params: GateParams) -> Check:
+    limit = champion * (1 + params.max_perplexity_increase)
+    return Check(
+        name="perplexity vs champion",
+        passed=value <= limit,
+        candidate=value,
+        reference=champion,
+        threshold=f"<= {limit:.4f}",
+        reason=f"perplexity {value:.3f} vs champion {champion:.3f} "
+        f"(at most {params.max_perplexity_increase:.0%} higher allowed)",
+    )
+
+
+def _metric(scores: ModelScores, metric: str) -> tuple[float, float]:
+    """A metric and its standard error over eval rows (0 where the report keeps none)."""
+    return getattr(scores, metric), getattr(scores, f"{metric}_se", 0.0)
+
+
 def decide(params: GateParams, report: EvalReport, quantization: QuantizeResult) -> GateDecision:
+    """Apply the configured checks (`gate.floors`, `gate.vs_base`, `gate.vs_champion`) and the bound on
+    quantization loss; the champion checks only when there is a champion."""
     cand, base, champ = report.candidate, report.base, report.champion
-    checks = [
-        _floor("exact_match", cand.exact_match, params.min_exact_match),
-        _floor("rouge_l", cand.rouge_l, params.min_rouge_l),
-        _floor("eos_rate", cand.eos_rate, params.min_eos_rate),
-    ]
-    if params.require_better_than_base:
-        better = cand.exact_match > base.exact_match
-        checks.append(
-            Check(
-                name="exact_match vs base",
-                passed=better,
-                candidate=cand.exact_match,
-                reference=base.exact_match,
-                threshold="> base",
-                reason=f"exact_match {cand.exact_match:.3f} {'beats' if better else 'does not beat'} the base "
-                f"model's {base.exact_match:.3f}",
-            )
-        )
+    checks = [_floor(metric, getattr(cand, metric), bound) for metric, bound in params.floors.items()]
+    checks += [_beats_base(metric, getattr(cand, metric), getattr(base, metric)) for metric in params.vs_base]
     ratio = quantization.perplexity_ratio
     checks.append(
         Check(
@@ -109,29 +136,10 @@ def decide(params: GateParams, report: EvalReport, quantization: QuantizeResult)
             f"(limit {params.max_quantization_ppl_ratio}x)",
         )
     )
-    if champ is None:
-        return GateDecision(passed=all(c.passed for c in checks), checks=checks)
-    checks += [
-        _no_regression(
-            "exact_match",
-            cand.exact_match,
-            cand.exact_match_se,
-            champ.exact_match,
-            champ.exact_match_se,
-            params,
-        ),
-        _no_regression("rouge_l", cand.rouge_l, cand.rouge_l_se, champ.rouge_l, champ.rouge_l_se, params),
-    ]
-    limit = champ.perplexity * (1 + params.max_perplexity_increase)
-    checks.append(
-        Check(
-            name="perplexity vs champion",
-            passed=cand.perplexity <= limit,
-            candidate=cand.perplexity,
-            reference=champ.perplexity,
-            threshold=f"<= {limit:.4f}",
-            reason=f"perplexity {cand.perplexity:.3f} vs champion {champ.perplexity:.3f} "
-            f"(at most {params.max_perplexity_increase:.0%} higher allowed)",
-        )
-    )
+    if champ is not None:
+        for metric in params.vs_champion:
+            if metric in LOWER_IS_BETTER:
+                checks.append(_perplexity_vs_champion(cand.perplexity, champ.perplexity, params))
+            else:
+                checks.append(_no_regression(metric, *_metric(cand, metric), *_metric(champ, metric), params))
     return GateDecision(passed=all(c.passed for c in checks), checks=checks)

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from llmops.config import MergeParams, dvc_stage_args
 from llmops.data import DatasetRef, read_conversations
+from llmops.devices import DeviceChoice, resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
 from llmops.modeling import load_model, load_tokenizer, max_logit_difference
@@ -35,13 +36,21 @@ class MergeFidelityError(LLMOpsError):
 
 
 def merge_adapter(
-    params: MergeParams, base_model: str, adapter: FinetuneResult, data: DatasetRef, out: Path
+    params: MergeParams,
+    base_model: str,
+    adapter: FinetuneResult,
+    data: DatasetRef,
+    out: Path,
+    device: DeviceChoice = "auto",
 ) -> MergeResult:
-    """Merge `adapter` into `base_model` and save the result (weights + tokenizer) to `out`."""
+    """Merge `adapter` into `base_model` and save the result (weights + tokenizer) to `out`, in float32 on the
+    policy's device (model.device)."""
     tokenizer = load_tokenizer(base_model, data.chat_template)  # saved with the model: serving renders alike
-    adapted = PeftModel.from_pretrained(load_model(base_model), adapter.adapter_dir).eval()
+    where = resolve_placement(device).device
+    adapted = PeftModel.from_pretrained(load_model(base_model, device=where), adapter.adapter_dir).eval()
     # merge_and_unload folds the weights of `adapted` in place, so the reference is a second copy.
-    merged = PeftModel.from_pretrained(load_model(base_model), adapter.adapter_dir).merge_and_unload().eval()
+    merged = PeftModel.from_pretrained(load_model(base_model, device=where), adapter.adapter_dir)
+    merged = merged.merge_and_unload().eval()
     prompts = [conversation.prompt for conversation in read_conversations(data.eval)[: params.check_prompts]]
     diff = max_logit_difference(adapted, merged, tokenizer, prompts)
     log.info("merge fidelity: max |logit difference| %.2e over %d prompts", diff, len(prompts))
@@ -65,7 +74,7 @@ def main() -> None:
     params, out = dvc_stage_args("merge")
     data = load_result(DatasetRef, out.with_name("validate"))
     adapter = load_result(FinetuneResult, out.with_name("finetune"))
-    save_result(merge_adapter(params.merge, params.model.base, adapter, data, out), out)
+    save_result(merge_adapter(params.merge, params.model.base, adapter, data, out, params.model.device), out)
 
 
 if __name__ == "__main__":

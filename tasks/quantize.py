@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, GPTQConfig
 from llmops.chat import render
 from llmops.config import QuantizeParams, dvc_stage_args
 from llmops.data import DatasetRef, read_conversations
+from llmops.devices import DeviceChoice, DtypeChoice, resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
 from llmops.modeling import (
@@ -45,11 +46,22 @@ class QuantizeResult(BaseModel, frozen=True):
         return self.perplexity / self.merged_perplexity
 
 
-def quantize_model(params: QuantizeParams, merged: MergeResult, data: DatasetRef, out: Path) -> QuantizeResult:
-    """Quantize `merged.model_dir` into `out` (or pass it through when the method is `none`)."""
+def quantize_model(
+    params: QuantizeParams,
+    merged: MergeResult,
+    data: DatasetRef,
+    out: Path,
+    device: DeviceChoice = "auto",
+    dtype: DtypeChoice = "auto",
+) -> QuantizeResult:
+    """Quantize `merged.model_dir` into `out` (or pass it through when the method is `none`), on the device
+    policy's device and type (model.device, model.dtype); both perplexities are measured there."""
+    placement = resolve_placement(device, dtype)
     tokenizer = load_tokenizer(merged.model_dir)
     eval_examples = read_conversations(data.eval)
-    merged_ppl = response_perplexity(load_model(merged.model_dir), tokenizer, eval_examples, EVAL_MAX_SEQ_LEN)
+    merged_model = load_model(merged.model_dir, dtype=placement.dtype, device=placement.device)
+    merged_ppl = response_perplexity(merged_model, tokenizer, eval_examples, EVAL_MAX_SEQ_LEN)
+    del merged_model
     merged_size = folder_size_bytes(merged.model_dir)
     if params.method == "none":
         return QuantizeResult(
@@ -68,11 +80,15 @@ def quantize_model(params: QuantizeParams, merged: MergeResult, data: DatasetRef
         group_size=params.group_size,
         dataset=[tokenizer.decode(render(tokenizer, c, EVAL_MAX_SEQ_LEN)[0]) for c in calibration],  # as trained
         tokenizer=tokenizer,
+        backend=placement.gptq_kernel,
     )
     with atomic_dir(out) as tmp:
         try:
             quantized = AutoModelForCausalLM.from_pretrained(
-                str(merged.model_dir), quantization_config=config, device_map="cpu"
+                str(merged.model_dir),
+                quantization_config=config,
+                dtype=placement.dtype,
+                device_map={"": placement.device},
             )
         except (ValueError, RuntimeError) as exc:
             raise LLMOpsError(
@@ -82,7 +98,8 @@ def quantize_model(params: QuantizeParams, merged: MergeResult, data: DatasetRef
             ) from None
         quantized.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), device_map="cpu").eval()
+        del quantized
+        reloaded = load_model(tmp, dtype=placement.dtype, device=placement.device)
         sample = generate(reloaded, tokenizer, [eval_examples[0].prompt], max_new_tokens=8)[0]
         log.info("quantized model reloaded and generated %r", sample.text)
         result = QuantizeResult(
@@ -117,7 +134,7 @@ def main() -> None:
     params, out = dvc_stage_args("quantize")
     data = load_result(DatasetRef, out.with_name("validate"))
     merged = load_result(MergeResult, out.with_name("merge"))
-    result = quantize_model(params.quantize, merged, data, out)
+    result = quantize_model(params.quantize, merged, data, out, params.model.device, params.model.dtype)
     out.mkdir(exist_ok=True)  # `method: none` writes no model of its own; the result still records the choice
     save_result(result, out)
 

@@ -125,7 +125,7 @@ def test_a_rejected_candidate_becomes_challenger_and_champion_stays(project):
     params_file, _ = project
     params = load_params(params_file)
     before = champion(params)
-    rejected = retrain(params_file=str(params_file), overrides={"gate.min_exact_match": 1.0}, reason="test")
+    rejected = retrain(params_file=str(params_file), overrides={"gate.floors.exact_match": 1.0}, reason="test")
     assert not rejected.decision.passed and rejected.promotion.alias == "challenger"
     assert champion(params) == before
 

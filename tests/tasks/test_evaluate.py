@@ -1,9 +1,11 @@
 import json
 
 import pytest
+import torch
 
 from llmops.config import EvaluateParams, ValidateParams
 from llmops.data import Conversation
+from llmops.modeling import load_model, load_tokenizer
 from tasks.evaluate import evaluate_models, score_model
 from tasks.validate import validate_dataset
 
@@ -36,9 +38,22 @@ def test_report_covers_candidate_base_and_champion(assets, tmp_path):
     data = validate_dataset(
         ValidateParams(), str(assets / "model"), 1024, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
     ).require_valid()
+    # A candidate that differs from the base in a known way: the output layer halved. Every greedy choice
+    # stays the same, but each next-token distribution is flatter, so its perplexity must be higher.
+    flatter = load_model(assets / "model")
+    with torch.no_grad():
+        flatter.lm_head.weight.mul_(0.5)
+    flatter.save_pretrained(tmp_path / "flatter")
+    load_tokenizer(assets / "model").save_pretrained(tmp_path / "flatter")
+
     params = EvaluateParams(max_samples=8, max_new_tokens=4)
-    report = evaluate_models(params, assets / "model", str(assets / "model"), None, data, tmp_path / "eval")
-    assert report.champion is None and report.candidate.rows == 8
-    assert report.candidate == report.base  # the same model scored twice scores the same
+    report = evaluate_models(
+        params, tmp_path / "flatter", str(assets / "model"), assets / "model", data, tmp_path / "eval"
+    )
+    assert report.candidate.rows == 8 and report.candidate.model == str(tmp_path / "flatter")
+    assert report.candidate.perplexity > report.base.perplexity * 1.05
+    assert [s.generated for s in report.candidate.samples] == [s.generated for s in report.base.samples]
+    assert report.champion.perplexity == pytest.approx(report.base.perplexity)  # the champion is the base here
     saved = json.loads(report.report_file.read_text())
-    assert saved["candidate"]["exact_match"] == report.candidate.exact_match and saved["champion"] is None
+    assert saved["candidate"]["perplexity"] == report.candidate.perplexity
+    assert saved["champion"]["model"] == str(assets / "model")

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops.config import GateParams
+from llmops.config import GateParams, load_params
 from tasks.evaluate import EvalReport, ModelScores
 from tasks.gate import decide
 from tasks.quantize import QuantizeResult
@@ -45,10 +45,15 @@ def failed(decision) -> set[str]:
     return {check.name for check in decision.checks if not check.passed}
 
 
+# The shipped params.yaml is the demo's: short fixed answers, so it keeps exact-match checks.
+DEMO = load_params(Path(__file__).resolve().parents[2] / "params.yaml").gate
+
+
 def test_first_candidate_is_judged_by_absolute_checks_alone():
-    decision = decide(GateParams(), report(), QUANT)
-    assert decision.passed and decision.reasons == ["all checks passed"]
-    assert not any("champion" in check.name for check in decision.checks)
+    for params in (GateParams(), DEMO):
+        decision = decide(params, report(), QUANT)
+        assert decision.passed and decision.reasons == ["all checks passed"]
+        assert not any("champion" in check.name for check in decision.checks)
 
 
 @pytest.mark.parametrize(
@@ -60,18 +65,46 @@ def test_first_candidate_is_judged_by_absolute_checks_alone():
     ],
 )
 def test_each_floor_rejects(candidate, failing):
-    decision = decide(GateParams(), report(candidate=candidate), QUANT)
+    decision = decide(DEMO, report(candidate=candidate), QUANT)
     assert not decision.passed and failed(decision) == failing
 
 
-def test_candidate_must_beat_the_base():
-    decision = decide(GateParams(min_exact_match=0.0), report(candidate=scores(em=0.5), base=scores(em=0.5)), QUANT)
-    assert failed(decision) == {"exact_match vs base"}
-    assert decide(
-        GateParams(require_better_than_base=False, min_exact_match=0.0),
-        report(candidate=scores(em=0.5), base=scores(em=0.5)),
-        QUANT,
-    ).passed
+def test_perplexity_floor_is_a_ceiling():
+    params = GateParams(floors={"perplexity": 1.3})
+    assert decide(params, report(candidate=scores(ppl=1.25)), QUANT).passed
+    decision = decide(params, report(candidate=scores(ppl=1.35)), QUANT)
+    assert failed(decision) == {"perplexity"} and "above the ceiling 1.3" in decision.reasons[0]
+
+
+def test_candidate_must_beat_the_base_on_the_configured_metrics():
+    same = report(candidate=scores(em=0.5), base=scores(em=0.5))
+    assert failed(decide(DEMO, same, QUANT)) == {"exact_match vs base"}
+    assert decide(DEMO.model_copy(update={"vs_base": []}), same, QUANT).passed
+    # The defaults compare perplexity (lower wins) and ROUGE-L with the base.
+    worse = report(candidate=scores(ppl=31, rouge=0.05), base=scores(ppl=30, rouge=0.1))
+    assert failed(decide(GateParams(), worse, QUANT)) == {"perplexity vs base", "rouge_l vs base"}
+
+
+def test_open_ended_answers_scoring_zero_everywhere_can_still_be_promoted():
+    # Chat data: no answer ever matches exactly, for the base or the candidate. That must not block.
+    chat = report(candidate=scores(em=0.0, rouge=0.4, ppl=5.0), base=scores(em=0.0, rouge=0.2, ppl=9.0))
+    assert decide(GateParams(), chat, QUANT).passed
+    decision = decide(GateParams(vs_base=["exact_match", "perplexity"]), chat, QUANT)
+    assert decision.passed
+    [check] = [c for c in decision.checks if c.name == "exact_match vs base"]
+    assert "no signal" in check.reason
+    # A zero that is a real loss against a base that scored is still a failure.
+    lost = report(candidate=scores(em=0.0), base=scores(em=0.2, rouge=0.1, ppl=30))
+    assert failed(decide(GateParams(vs_base=["exact_match"]), lost, QUANT)) == {"exact_match vs base"}
+
+
+def test_gate_params_reject_impossible_bounds():
+    with pytest.raises(ValueError, match="rate and must be between 0 and 1"):
+        GateParams(floors={"rouge_l": 1.5})
+    with pytest.raises(ValueError, match="maximum perplexity"):
+        GateParams(floors={"perplexity": 0.5})
+    with pytest.raises(ValueError):
+        GateParams(vs_base=["accuracy"])
 
 
 def test_quantization_loss_is_bounded():
@@ -82,13 +115,17 @@ def test_quantization_loss_is_bounded():
 def test_a_drop_within_noise_passes_and_beyond_it_fails():
     champion = scores(em=0.9, rouge=0.9, se=0.03)
     # margin = max(0.02, 2 * hypot(0.03, 0.03)) = 0.085
-    assert decide(GateParams(), report(candidate=scores(em=0.83, rouge=0.83), champion=champion), QUANT).passed
-    decision = decide(GateParams(), report(candidate=scores(em=0.80, rouge=0.9), champion=champion), QUANT)
+    assert decide(DEMO, report(candidate=scores(em=0.83, rouge=0.83), champion=champion), QUANT).passed
+    decision = decide(DEMO, report(candidate=scores(em=0.80, rouge=0.9), champion=champion), QUANT)
     assert failed(decision) == {"exact_match vs champion"}
     # With no noise the fixed margin alone applies.
     exact = scores(em=0.9, se=0.0)
-    decision = decide(GateParams(), report(candidate=scores(em=0.87, se=0.0), champion=exact), QUANT)
+    decision = decide(DEMO, report(candidate=scores(em=0.87, se=0.0), champion=exact), QUANT)
     assert failed(decision) == {"exact_match vs champion"}
+    # The defaults leave exact match out of it: ROUGE-L and perplexity decide.
+    assert decide(GateParams(), report(candidate=scores(em=0.5), champion=champion), QUANT).passed
+    decision = decide(GateParams(), report(candidate=scores(rouge=0.7), champion=champion), QUANT)
+    assert failed(decision) == {"rouge_l vs champion"}
 
 
 def test_perplexity_regression_against_champion_fails():
@@ -98,7 +135,7 @@ def test_perplexity_regression_against_champion_fails():
 
 
 def test_markdown_lists_every_check():
-    decision = decide(GateParams(), report(candidate=scores(em=0.1), champion=scores()), QUANT)
+    decision = decide(DEMO, report(candidate=scores(em=0.1), champion=scores()), QUANT)
     text = decision.to_markdown()
     assert text.startswith("## Gate REJECTED")
     assert all(check.name in text for check in decision.checks)

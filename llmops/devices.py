@@ -1,0 +1,75 @@
+"""The one device policy every stage asks: where a model runs and in which floating-point type.
+
+`model.device` and `model.dtype` in params.yaml set it for the whole pipeline. `auto` means a CUDA GPU when
+one is visible, in bfloat16 where the GPU supports it (float16 on older GPUs), and the CPU in float32
+otherwise. Merging is the one exception and stays in float32 on the chosen device: folding an adapter into
+rounded weights would lose the update it is meant to keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from llmops.errors import LLMOpsError
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# GPTQ kernel per device. On CUDA, Triton's kernel compiles per shape in about a second; GPTQModel's Marlin,
+# Machete and ExLlama kernels build a CUDA extension on first use (35 s to 3 min, again on every fresh host).
+# On the CPU, GPTQModel's own choice (its ATen int4 kernel).
+GPTQ_KERNELS = {"cuda": "gptq_triton", "cpu": "auto"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A resolved policy: `device` is "cpu" or "cuda"; `dtype` is what weights and activations use."""
+
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    @property
+    def gptq_kernel(self) -> str:
+        return GPTQ_KERNELS[self.device]
+
+    def __str__(self) -> str:
+        return f"{self.device} {str(self.dtype).removeprefix('torch.')}"
+
+
+def resolve_placement(device: DeviceChoice = "auto", dtype: DtypeChoice = "auto") -> Placement:
+    """Resolve `model.device` / `model.dtype` on this host.
+
+    Raises:
+        LLMOpsError: `cuda` asked for where no CUDA GPU is visible, a type the device cannot run.
+    """
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise LLMOpsError(
+            "model.device is cuda, but no CUDA GPU is visible to this process (torch.cuda.is_available() is "
+            "False). Set model.device: auto (or cpu) to run on the CPU, or run on a host with a GPU and a CUDA "
+            "build of torch."
+        )
+    where = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
+    bf16_ok = where == "cpu" or torch.cuda.is_bf16_supported()
+    if dtype == "auto":
+        chosen = torch.float32 if where == "cpu" else torch.bfloat16 if bf16_ok else torch.float16
+        return Placement(where, chosen)
+    if dtype == "bfloat16" and not bf16_ok:
+        raise LLMOpsError(
+            f"model.dtype is bfloat16, but this GPU ({torch.cuda.get_device_name()}) does not support it. "
+            "Set model.dtype: auto (float16 on this GPU) or float32."
+        )
+    if dtype == "float16" and where == "cpu":
+        raise LLMOpsError(
+            "model.dtype is float16 on the CPU, where many operations have no float16 kernel. Set model.dtype: "
+            "auto (float32 on the CPU) or bfloat16, or model.device: cuda."
+        )
+    return Placement(where, _DTYPES[dtype])
