@@ -4,7 +4,9 @@ model, with versions registered by the project's own promote/rollback code."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +25,7 @@ from llmops.config import load_params
 from llmops.serve import build
 from tasks.gate import GateDecision
 from tasks.promote import Lineage, promote
-from tests.conftest import write_params
+from tests.conftest import PROJECT, write_params
 
 PASS = GateDecision(passed=True, checks=[])
 CHAT = {"messages": [{"role": "user", "content": "What color is the tiger?"}], "max_tokens": 4}
@@ -280,3 +282,35 @@ def test_registered_model_ships_its_code_and_pins_only_public_releases(tmp_path,
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["llmops"].startswith(str(folder)) and len(result["out"]) == 2
+
+
+def test_llmops_serve_answers_from_the_champion(tmp_path, assets):
+    """What `make serve` runs: the console command, as its own process, on a free port."""
+    params = serve_params(tmp_path, assets)
+    register(params, assets / "model")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "llmops.cli", "--params", str(tmp_path / "params.yaml"), "serve"]
+    env = {**os.environ, "LLMOPS_SERVE_API_KEY": "k3y", "PYTHONPATH": str(PROJECT)}
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:  # a file, not a pipe: a full pipe would block the server
+        server = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=output, stderr=output)
+    headers = {"Authorization": "Bearer k3y"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "llmops serve did not become healthy"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", headers=headers).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT).status_code == 401
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, headers=headers, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"] == "llmops-demo/1"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
