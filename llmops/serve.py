@@ -151,7 +151,8 @@ class ChampionFollower:
         self.tracking, self.registry, self.cache_dir, self.poll_seconds = tracking, registry, cache_dir, poll_seconds
         self.current: LoadedVersion | None = None
         self.loading: str | None = None
-        self.failed: dict[str, str] = {}  # version -> why it could not be loaded; never retried
+        self.failed: dict[str, dict[str, Any]] = {}  # version -> {"error", "at"}: why and when it failed to load
+        self.retry_seconds = max(60.0, 10 * poll_seconds)  # a failed version is tried again after this long
         self.registry_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -179,24 +180,28 @@ class ChampionFollower:
             self.registry_error = f"{type(exc).__name__}: {exc}"
             log.warning("cannot read the champion alias, still serving %s: %s", self._serving(), self.registry_error)
             return
-        if version is None or (self.current and self.current.version == version) or version in self.failed:
+        if version is None or (self.current and self.current.version == version):
+            return
+        if version in self.failed and time.time() - self.failed[version]["at"] < self.retry_seconds:
             return
         self.loading = version
         start = time.perf_counter()
         try:
             model, tokenizer = load_generator(self._download(version))
         except Exception as exc:
-            self.failed[version] = f"{type(exc).__name__}: {exc}"
+            self.failed[version] = {"error": f"{type(exc).__name__}: {exc}", "at": time.time()}
             log.error(
-                "version %s of %s failed to load and is not served (still serving %s): %s",
+                "version %s of %s failed to load and is not served (still serving %s; retried in %gs): %s",
                 version,
                 self.registry.model_name,
                 self._serving(),
-                self.failed[version],
+                self.retry_seconds,
+                self.failed[version]["error"],
             )
             return
         finally:
             self.loading = None
+        self.failed.pop(version, None)
         loaded = LoadedVersion(self.registry.model_name, version, model, tokenizer, time.perf_counter() - start)
         previous, self.current = self.current, loaded
         log.info(
@@ -244,7 +249,10 @@ class ChampionFollower:
             "version": current.version if current else None,
             "load_seconds": round(current.load_seconds, 3) if current else None,
             "loading": self.loading,
-            "failed_versions": dict(self.failed),
+            "failed_versions": {
+                v: {"error": f["error"], "at": datetime.fromtimestamp(f["at"], UTC).isoformat(timespec="seconds")}
+                for v, f in dict(self.failed).items()
+            },
             "registry_error": self.registry_error,
             "poll_seconds": self.poll_seconds,
         }

@@ -85,17 +85,20 @@ def test_requests_never_fail_through_promotion_rollback_and_a_broken_version(tmp
     assert register(params, assets / "model") == "1"
     app, follower = build(params, api_key=None)
     answers: list[tuple[float, int, str]] = []  # (time answered, status, model named in the answer)
+    latencies: list[float] = []
     stop = threading.Event()
 
     def stream(url: str) -> None:
         with httpx.Client(base_url=url, timeout=30) as client:
             while not stop.is_set():
+                sent = time.monotonic()
                 try:
                     response = client.post("/v1/chat/completions", json=CHAT)
                     model = response.json().get("model", "") if response.status_code == 200 else response.text
                     answers.append((time.monotonic(), response.status_code, model))
                 except httpx.HTTPError as exc:
                     answers.append((time.monotonic(), 0, repr(exc)))
+                latencies.append(time.monotonic() - sent)
 
     def first_answer_from(model: str, since: float) -> float:
         deadline = time.monotonic() + 60
@@ -112,15 +115,18 @@ def test_requests_never_fail_through_promotion_rollback_and_a_broken_version(tmp
             client.start()
         try:
             time.sleep(0.5)
+            assert register(params, assets / "model") == "2"  # the alias moves at its very end
             promoted_at = time.monotonic()
-            assert register(params, assets / "model") == "2"
             switch = first_answer_from("llmops-demo/2", promoted_at)
-            assert switch <= params.serve.poll_seconds + follower.current.load_seconds + 1.0
+            # An answer arrives one request after the swap: allow the poll, the load and the longest request.
+            limit = params.serve.poll_seconds + follower.current.load_seconds + max(latencies) + 0.5
+            assert switch <= limit, (switch, follower.health(), max(latencies))
 
             rolled_back_at = time.monotonic()
             tracking.rollback(params.tracking, params.registry, "test rollback")
             switch_back = first_answer_from("llmops-demo/1", rolled_back_at)
-            assert switch_back <= params.serve.poll_seconds + follower.current.load_seconds + 1.0
+            limit = params.serve.poll_seconds + follower.current.load_seconds + max(latencies) + 0.5
+            assert switch_back <= limit, (switch_back, follower.health(), max(latencies))
 
             assert register(params, broken_copy(assets / "model", tmp_path / "broken")) == "3"
             deadline = time.monotonic() + 30
@@ -139,7 +145,8 @@ def test_requests_never_fail_through_promotion_rollback_and_a_broken_version(tmp
     assert not failures, failures[:5]
     assert len(answers) > 20
     assert {m for t, _, m in answers if t > after_failure} == {"llmops-demo/1"}  # the broken version never served
-    assert health["version"] == "1" and health["status"] == "ok" and health["failed_versions"]["3"]
+    assert health["version"] == "1" and health["status"] == "ok"
+    assert "safetensor" in health["failed_versions"]["3"]["error"].lower()  # the load error, for the operator
 
 
 @pytest.fixture
