@@ -17,6 +17,7 @@ registry; it never writes it.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -25,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -322,6 +324,42 @@ class TrafficLog:
         return True
 
 
+@dataclass(frozen=True)
+class JudgedTraffic:
+    """Logged exchanges sorted by their judgment: `rows` (chat `messages`) are fit to train on."""
+
+    rows: list[dict[str, Any]]
+    folded: int  # rows with a correction (it replaces the answer) or an "up" rating
+    left_out: int  # exchanges never judged, or judged "down" with no correction
+
+
+def judged_traffic(folder: Path) -> JudgedTraffic:
+    """The traffic worth training on, as conversations. A correction becomes the assistant turn; an "up"
+    keeps the model's answer; anything else is left out, so the model never learns from its own unjudged
+    output. The latest judgment of a response wins."""
+    judgments: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("feedback-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                judgment = json.loads(line)
+                judgments[judgment["id"]] = judgment
+    rows, left_out = [], 0
+    for path in sorted(folder.glob("traffic-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            exchange = json.loads(line)
+            judgment = judgments.get(exchange["id"], {})
+            messages = exchange["messages"]
+            if judgment.get("correction"):
+                messages = [*messages[:-1], {"role": "assistant", "content": judgment["correction"]}]
+            elif judgment.get("rating") != "up":
+                left_out += 1
+                continue
+            rows.append({"messages": messages, "source": f"traffic:{exchange['id']}"})
+    return JudgedTraffic(rows=rows, folded=len(rows), left_out=left_out)
+
+
 # --- The HTTP API --------------------------------------------------------------------------------------------
 
 
@@ -381,6 +419,7 @@ def create_app(
         follower.start()
         yield
         follower.stop()
+        generation_thread.shutdown()
 
     app = FastAPI(title="llmops serve", lifespan=lifespan)
     expected = f"Bearer {api_key}".encode() if api_key else None
@@ -429,6 +468,13 @@ def create_app(
             )
         return asked or settings.default_max_tokens
 
+    # All generation runs on one thread: a new thread calling torch starts its own OpenMP pool, and idle
+    # pools spinning on the same cores made requests several times slower than plain generate.
+    generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    async def on_generation_thread(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(generation_thread, fn, *args)
+
     def answer(loaded: LoadedVersion, conversations: list[list[dict[str, str]]], max_new_tokens: int):
         with loaded.lock:
             counts = [prompt_token_count(loaded.tokenizer, c) for c in conversations]
@@ -459,11 +505,11 @@ def create_app(
             )
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    def chat_completions(body: ChatRequest) -> dict[str, Any]:
+    async def chat_completions(body: ChatRequest) -> dict[str, Any]:
         start, now = time.perf_counter(), datetime.now(UTC)
         loaded = serving()
         conversation = [m.plain() for m in body.messages]
-        [generation], usage = answer(loaded, [conversation], budget(body))
+        [generation], usage = await on_generation_thread(answer, loaded, [conversation], budget(body))
         response_id = TrafficLog.new_id("chatcmpl", now)
         record(response_id, conversation, generation.text, loaded, start, now)
         return {
@@ -482,14 +528,14 @@ def create_app(
         }
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    def completions(body: CompletionRequest) -> dict[str, Any]:
+    async def completions(body: CompletionRequest) -> dict[str, Any]:
         start, now = time.perf_counter(), datetime.now(UTC)
         loaded = serving()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt is an empty list; send a string or a list of strings.", param="prompt")
         conversations = [[{"role": "user", "content": p}] for p in prompts]
-        generations, usage = answer(loaded, conversations, budget(body))
+        generations, usage = await on_generation_thread(answer, loaded, conversations, budget(body))
         response_id = TrafficLog.new_id("cmpl", now)
         for conversation, generation in zip(conversations, generations, strict=True):
             record(response_id, conversation, generation.text, loaded, start, now)

@@ -321,3 +321,24 @@ def test_llmops_serve_answers_from_the_champion(tmp_path, assets):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_only_judged_traffic_is_fit_to_train_on(tmp_path):
+    from datetime import UTC, datetime
+
+    from llmops.serve import TrafficLog, judged_traffic
+
+    log = TrafficLog(tmp_path, sample_rate=1.0, max_bytes=100_000)
+    now = datetime.now(UTC)
+    ids = {name: TrafficLog.new_id("chatcmpl", now) for name in ("corrected", "liked", "disliked", "unjudged")}
+    for name, response_id in ids.items():
+        log.append(response_id, [{"role": "user", "content": f"question {name}"}], f"answer {name}")
+    assert log.feedback(ids["corrected"], "down", "the right answer")
+    assert log.feedback(ids["liked"], "up", None)
+    assert log.feedback(ids["disliked"], "down", None)
+    assert log.feedback(ids["disliked"], "down", None)  # judged twice: still one exchange
+
+    judged = judged_traffic(tmp_path)
+    assert (judged.folded, judged.left_out) == (2, 2)
+    answers = {row["messages"][0]["content"]: row["messages"][-1]["content"] for row in judged.rows}
+    assert answers == {"question corrected": "the right answer", "question liked": "answer liked"}
