@@ -442,6 +442,12 @@ def create_app(
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
         return await api_error(request, APIError(400, f"Invalid request: {problems}."))
 
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s %s failed", request.method, request.url.path)
+        message = f"The server failed on this request ({type(exc).__name__}); its log has the details."
+        return await api_error(request, APIError(500, message, "server_error"))
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return await api_error(request, APIError(exc.status_code, str(exc.detail), "invalid_request_error"))
@@ -607,7 +613,18 @@ def build(params: Params, api_key: str | None) -> tuple[FastAPI, ChampionFollowe
 
 def serve(params: Params, api_key: str | None, host: str | None = None, port: int | None = None) -> None:
     """Run the server until interrupted (`llmops serve`)."""
+    import socket
+
     import uvicorn
 
+    host, port = host or params.serve.host, port or params.serve.port
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise LLMOpsError(
+                f"Cannot listen on {host}:{port} ({exc.strerror}). Stop what uses that port, or choose another "
+                "with `llmops serve --port N` (or serve.port in params.yaml)."
+            ) from None
     app, _ = build(params, api_key)
-    uvicorn.run(app, host=host or params.serve.host, port=port or params.serve.port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info")
