@@ -149,13 +149,20 @@ def test_requests_never_fail_through_promotion_rollback_and_a_broken_version(tmp
     assert "safetensor" in health["failed_versions"]["3"]["error"].lower()  # the load error, for the operator
 
 
+@pytest.fixture(scope="module")
+def shared_registry(tmp_path_factory, assets):
+    """One registry with version 1 as champion, for the tests that only read it: its tracking params."""
+    params = serve_params(tmp_path_factory.mktemp("serve-registry"), assets)
+    register(params, assets / "model")
+    return params.tracking
+
+
 @pytest.fixture
-def served(tmp_path, assets):
-    """A TestClient on the app over one registered champion; returns (client, params)."""
+def served(tmp_path, assets, shared_registry):
+    """A TestClient on the app over the shared champion, with its own traffic folder; returns (client, params)."""
 
     def make(api_key: str | None = None, **serve):
-        params = serve_params(tmp_path, assets, **serve)
-        register(params, assets / "model")
+        params = serve_params(tmp_path, assets, **serve).model_copy(update={"tracking": shared_registry})
         app, _ = build(params, api_key)
         return TestClient(app), params
 
