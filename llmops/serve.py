@@ -297,9 +297,13 @@ class TrafficLog:
             if size + len(line.encode()) > self.max_bytes:
                 log.warning("%s reached serve.max_log_bytes (%d bytes); %s not logged", traffic, size, response_id)
                 return False
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with traffic.open("a", encoding="utf-8") as handle:
-                handle.write(line)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with traffic.open("a", encoding="utf-8") as handle:
+                    handle.write(line)
+            except OSError as exc:  # a full or read-only disk loses a log row, never the user's answer
+                log.error("cannot write the traffic log %s: %s; %s not logged", traffic, exc, response_id)
+                return False
         return True
 
     def feedback(self, response_id: str, rating: str, correction: str | None) -> bool:

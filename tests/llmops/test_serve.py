@@ -349,3 +349,15 @@ def test_only_judged_traffic_is_fit_to_train_on(tmp_path):
     assert (judged.folded, judged.left_out) == (2, 2)
     answers = {row["messages"][0]["content"]: row["messages"][-1]["content"] for row in judged.rows}
     assert answers == {"question corrected": "the right answer", "question liked": "answer liked"}
+
+
+def test_llmops_serve_on_a_taken_port_exits_2_with_one_paragraph(params_file, capsys):
+    from llmops.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--params", str(params_file), "serve", "--port", str(port)]) == 2
+    error = capsys.readouterr().err
+    assert f"Cannot listen on 127.0.0.1:{port}" in error and "--port" in error and "Traceback" not in error
