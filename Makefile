@@ -9,7 +9,7 @@ MLFLOW_PORT ?= 5000
 # The UI test drives the Debian package's Chromium (never a downloaded browser).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup demo test test-quick bench lint mlflow-ui clean repro platform platform-stop
+.PHONY: setup demo test test-quick bench lint mlflow-ui clean repro platform platform-stop serve
 
 setup: $(INSTALLED)
 
@@ -50,6 +50,10 @@ platform: setup
 
 platform-stop:
 	$(BIN)/llmops platform down
+
+# The champion over an OpenAI-style API on 127.0.0.1:8000 (serve: in params.yaml); follows promotions and rollbacks.
+serve: setup
+	$(BIN)/llmops serve
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

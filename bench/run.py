@@ -25,6 +25,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from llmops.chat import render_prompt
 from llmops.config import EvaluateParams, FinetuneParams, MergeParams, QuantizeParams, ValidateParams
 from llmops.data import Conversation, read_conversations, write_jsonl
 from llmops.devices import GPTQ_KERNELS
@@ -253,6 +254,119 @@ def flow_figures() -> list[Figure]:
             "script, each in a fresh process on the demo",
         ),
         Figure("cached_rerun", second, first, "s", "an unchanged `llmops run` again vs the first run"),
+    ]
+
+
+def serve_figures(demo) -> list[Figure]:
+    """`llmops serve` (HTTP, JSON, auth, limits, traffic log) against plain transformers generate on the same
+    model and prompts, one request at a time; then the latencies around a champion switch."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from llmops import tracking
+    from llmops.config import load_params
+    from llmops.serve import build
+    from tasks.gate import GateDecision
+    from tasks.promote import Lineage, promote
+
+    params = load_params(bench_params(WORK / "serve"))
+    client = tracking.client_for(params.tracking)
+    experiment = client.create_experiment("bench-serve", artifact_location=params.tracking.artifact_location)
+
+    def register() -> None:
+        run_id = client.create_run(experiment).info.run_id
+        lineage = Lineage(
+            dataset_hash="bench",
+            git_commit="bench",
+            params_hash="bench",
+            prefect_flow_run_id="bench",
+            mlflow_run_id=run_id,
+            reason="bench",
+        )
+        promote(params.registry, params.tracking, GateDecision(passed=True, checks=[]), BASE, lineage)
+
+    register()
+    prompts = [c.prompt for c in read_conversations(demo.eval)][:32]
+    max_new_tokens = 24
+    app, follower = build(params, api_key=None)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+    def ask(http: httpx.Client, prompt) -> tuple[float, int]:
+        body = {"messages": [turn.as_message() for turn in prompt], "max_tokens": max_new_tokens}
+        seconds, response = timed(lambda: http.post("/v1/chat/completions", json=body))
+        response.raise_for_status()
+        return seconds, response.json()["usage"]["completion_tokens"]
+
+    model, tokenizer = load_model(BASE), load_tokenizer(BASE)
+
+    def plain(prompt) -> tuple[float, int]:
+        def run() -> int:
+            ids = {"input_ids": torch.tensor([render_prompt(tokenizer, prompt)])}
+            with torch.no_grad():
+                out = model.generate(
+                    **ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id
+                )
+            new = out[0, ids["input_ids"].shape[1] :].tolist()
+            return new.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in new else len(new)
+
+        return timed(run)
+
+    # Plain generate also runs on one worker thread, as the server's generation does, so both sides see the
+    # same torch threading.
+    from concurrent.futures import ThreadPoolExecutor
+
+    plain_thread = ThreadPoolExecutor(max_workers=1)
+    served, baseline = [], []
+    with httpx.Client(base_url=url, timeout=60) as http:
+        ask(http, prompts[0])  # warm-up
+        plain_thread.submit(plain, prompts[0]).result()
+        for _ in range(REPEATS):  # alternate the two sides so load on the machine hits both alike
+            served += [ask(http, p) for p in prompts]
+            baseline += [plain_thread.submit(plain, p).result() for p in prompts]
+
+        # A switch: requests keep flowing while version 2 is registered, loaded and swapped in.
+        latencies: list[float] = []
+        register()
+        while follower.current.version != "2":
+            latencies.append(ask(http, prompts[len(latencies) % len(prompts)])[0])
+        latencies += [ask(http, p)[0] for p in prompts[:8]]
+    server.should_exit = True
+    thread.join()
+    plain_thread.shutdown()
+
+    def rate(pairs: list[tuple[float, int]]) -> float:
+        return sum(t for _, t in pairs) / sum(s for s, _ in pairs)
+
+    def percentile(pairs: list[tuple[float, int]], q: float) -> float:
+        return statistics.quantiles([s * 1000 for s, _ in pairs], n=100)[int(q) - 1]
+
+    steady = statistics.median(s for s, _ in served) * 1000
+    what = f"{len(prompts)} eval prompts x {REPEATS}, one request at a time, greedy, up to {max_new_tokens} new tokens"
+    return [
+        Figure(
+            "serve_tokens_per_second",
+            rate(served),
+            rate(baseline),
+            "tokens/s",
+            f"HTTP chat completions (uvicorn, same process as the client) vs plain model.generate; {what}",
+        ),
+        Figure("serve_latency_p50", percentile(served, 50), percentile(baseline, 50), "ms", f"median; {what}"),
+        Figure("serve_latency_p95", percentile(served, 95), percentile(baseline, 95), "ms", f"95th percentile; {what}"),
+        Figure(
+            "serve_switch_latency",
+            max(latencies) * 1000,
+            steady,
+            "ms",
+            f"longest request latency while a new champion was loaded beside the old one and swapped in "
+            f"({len(latencies)} requests, none failed; load {follower.current.load_seconds:.2f} s) vs the median",
+        ),
     ]
 
 
@@ -542,6 +656,7 @@ GROUPS = {
     "gptq": gptq_figures,
     "flow": lambda demo: flow_figures(),
     "gpu": lambda demo: gpu_figures() if torch.cuda.is_available() else [],
+    "serve": serve_figures,
 }
 
 

@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     platform.add_argument("action", choices=["up", "down"], help="up: start and supervise; down: stop it")
     platform.add_argument("--port", type=int, default=4200, help="Prefect server port (default 4200)")
     platform.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (default 5000)")
+    serve = command("serve", cmd_serve, "serve the champion over an OpenAI-style HTTP API, following the alias", False)
+    serve.add_argument("--host", help="address to bind (default serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default serve.port, 8000)")
     command("status", cmd_status, "show the current champion")
     rollback = command("rollback", cmd_rollback, "move champion back to the previous champion")
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the champion history")
@@ -361,6 +364,22 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         print(json.dumps({"ok": True, "from_version": old, "to_version": new}))
     else:
         print(f"{params.registry.model_name}: champion moved back from version {old} to version {new}.")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llmops.serve import serve
+
+    params = load_params(args.params)
+    api_key = os.environ.get("LLMOPS_SERVE_API_KEY") or None
+    host = args.host or params.serve.host
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("llmops.serve").warning(
+            "serving on %s without an API key: anyone who can reach it may query the model "
+            "(set LLMOPS_SERVE_API_KEY to require `Authorization: Bearer <key>`)",
+            host,
+        )
+    serve(params, api_key, host, args.port)
     return 0
 
 

@@ -350,6 +350,32 @@ class DeployParams(Section):
         return self
 
 
+class ServeParams(Section):
+    """`llmops serve`: the champion over an OpenAI-style HTTP API, its traffic logged as data."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Address to bind; 0.0.0.0 exposes the server.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    poll_seconds: float = Field(
+        10.0, gt=0, description="How often the server asks the registry where `champion` points."
+    )
+    log_traffic: bool = Field(
+        True, description="Append each request and its answer (redacted) to an hourly file under monitor.incoming."
+    )
+    sample_rate: float = Field(1.0, ge=0, le=1, description="Share of requests written to the traffic log.")
+    max_log_bytes: int = Field(
+        100_000_000, ge=1000, description="Largest size of an hourly traffic file; later rows of that hour are dropped."
+    )
+    max_prompt_tokens: int = Field(1024, ge=1, description="Longest prompt a request may send, in tokens (else 400).")
+    max_tokens: int = Field(256, ge=1, description="Largest max_tokens a request may ask for (else 400).")
+    default_max_tokens: int = Field(64, ge=1, description="New tokens generated when a request names no max_tokens.")
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ServeParams:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("default_max_tokens must not be above max_tokens")
+        return self
+
+
 class Params(Section):
     """The whole of `params.yaml`."""
 
@@ -366,6 +392,7 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     monitor: MonitorParams = MonitorParams()
     deploy: DeployParams = DeployParams()
+    serve: ServeParams = ServeParams()
     work_dir: Path = Field(Path("work"), description="Where stage outputs of each run are written.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -154,43 +154,39 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-class TextGenerator(mlflow.pyfunc.PythonModel):
-    """The registered model: prompts in, greedy completions out, through the same code the evaluation used."""
-
-    def load_context(self, context) -> None:
-        from llmops.devices import resolve_placement
-        from llmops.modeling import load_model, load_tokenizer
-
-        placement = resolve_placement()  # the serving host's own: its GPU in bf16 if it has one, else the CPU
-        self.tokenizer = load_tokenizer(context.artifacts["model"])
-        self.model = load_model(context.artifacts["model"], dtype=placement.dtype, device=placement.device)
-
-    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        from llmops.modeling import generate
-
-        max_new_tokens = int((params or {}).get("max_new_tokens", 64))
-        return [g.text for g in generate(self.model, self.tokenizer, list(model_input), max_new_tokens)]
-
-
 def register_model(
     tracking: TrackingParams, registry: RegistryParams, run_id: str, model_dir: Path, tags: dict[str, str]
 ) -> ModelVersion:
-    """Log `model_dir` as an MLflow pyfunc model in `run_id` and register it as a new version."""
+    """Log `model_dir` as an MLflow pyfunc model in `run_id` and register it as a new version.
+
+    The model class is `llmops.serve.TextGenerator`, and the `llmops` package ships with the model
+    (`code_paths`), so `mlflow models serve` runs it in a fresh environment without this project installed."""
+    import llmops
+    from llmops.serve import TextGenerator, model_signature
+
     client_for(tracking)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=TextGenerator(),
             artifacts={"model": str(model_dir)},
+            code_paths=[str(Path(llmops.__file__).parent)],
+            signature=model_signature(),
             pip_requirements=_requirements(),
         )
     return mlflow.register_model(info.model_uri, registry.model_name, tags=tags)
 
 
+# What the shipped code imports to load and run a model (GPTQ checkpoints need optimum + gptqmodel).
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "optimum", "gptqmodel", "pyyaml")
+
+
 def _requirements() -> list[str]:
+    """Public releases only: never this project (its code ships with the model, and `llmops` on the package
+    index is someone else's), and no local version tag (`2.13.0+cpu` would force a CPU build on a GPU host)."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "gptqmodel", "optimum", "llmops")]
+    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
 
 
 def set_alias(tracking: TrackingParams, registry: RegistryParams, alias: str, version: str, reason: str) -> None:

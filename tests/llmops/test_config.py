@@ -52,6 +52,7 @@ def test_overrides_apply_and_are_validated(tmp_path):
         ("", {"finetune.distributed.processes": 3}, "multiple of micro_batch_size x processes"),
         ("", {"finetune.micro_batch_size": 5}, "multiple of micro_batch_size"),
         ("", {"finetune.precision": "fp16"}, "finetune.precision"),
+        ("", {"serve.default_max_tokens": 512}, "default_max_tokens"),
     ],
 )
 def test_invalid_params_name_the_field(tmp_path, text, overrides, named):

@@ -63,7 +63,7 @@ def test_passing_candidate_becomes_champion_with_lineage(params, promote_once):
 def test_registered_model_loads_back_through_mlflow_and_generates(params, promote_once):
     promotion = promote_once(PASS)
     model = mlflow.pyfunc.load_model(f"models:/{params.registry.model_name}@champion")
-    [completion] = model.predict(["What color is the tiger?"], params={"max_new_tokens": 4})
+    [completion] = model.predict([{"prompt": "What color is the tiger?"}], params={"max_new_tokens": 4})
     assert isinstance(completion, str)
     assert (
         tracking.download_champion(params.tracking, params.registry, params.work_dir).joinpath("config.json").exists()

@@ -1,0 +1,363 @@
+"""`llmops serve`: a real uvicorn server over the real MLflow registry (SQLite in a temp folder) and the tiny
+model, with versions registered by the project's own promote/rollback code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+from fastapi.testclient import TestClient
+
+from llmops import tracking
+from llmops.config import load_params
+from llmops.serve import build
+from tasks.gate import GateDecision
+from tasks.promote import Lineage, promote
+from tests.conftest import PROJECT, write_params
+
+PASS = GateDecision(passed=True, checks=[])
+CHAT = {"messages": [{"role": "user", "content": "What color is the tiger?"}], "max_tokens": 4}
+
+
+def serve_params(tmp_path: Path, assets: Path, **serve):
+    settings = {"poll_seconds": 0.3, **serve}
+    return load_params(write_params(tmp_path, assets, **{f"serve__{k}": v for k, v in settings.items()}))
+
+
+def register(params, model_dir: Path) -> str:
+    """A new version through the promote stage: registered and made champion."""
+    client = tracking.client_for(params.tracking)
+    experiment = client.get_experiment_by_name("serve-tests") or client.get_experiment(
+        client.create_experiment("serve-tests", artifact_location=params.tracking.artifact_location)
+    )
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    lineage = Lineage(
+        dataset_hash="d" * 32,
+        git_commit="abc",
+        params_hash="p" * 16,
+        prefect_flow_run_id="flow-run",
+        mlflow_run_id=run_id,
+        reason="test",
+    )
+    return promote(params.registry, params.tracking, PASS, model_dir, lineage).version
+
+
+@contextmanager
+def running(app):
+    """The app on a real uvicorn server, on a free port of 127.0.0.1."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def broken_copy(model_dir: Path, folder: Path) -> Path:
+    """The model with its weights cut short: registers fine, cannot load."""
+    shutil.copytree(model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return folder
+
+
+def test_requests_never_fail_through_promotion_rollback_and_a_broken_version(tmp_path, assets):
+    params = serve_params(tmp_path, assets)
+    assert register(params, assets / "model") == "1"
+    app, follower = build(params, api_key=None)
+    answers: list[tuple[float, int, str]] = []  # (time answered, status, model named in the answer)
+    latencies: list[float] = []
+    stop = threading.Event()
+
+    def stream(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    response = client.post("/v1/chat/completions", json=CHAT)
+                    model = response.json().get("model", "") if response.status_code == 200 else response.text
+                    answers.append((time.monotonic(), response.status_code, model))
+                except httpx.HTTPError as exc:
+                    answers.append((time.monotonic(), 0, repr(exc)))
+                latencies.append(time.monotonic() - sent)
+
+    def first_answer_from(model: str, since: float) -> float:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            hits = [t for t, status, m in list(answers) if m == model and t >= since]
+            if hits:
+                return hits[0] - since
+            time.sleep(0.05)
+        raise AssertionError(f"no answer from {model} within 60 s; /health: {follower.health()}")
+
+    with running(app) as url:
+        clients = [threading.Thread(target=stream, args=(url,)) for _ in range(2)]
+        for client in clients:
+            client.start()
+        try:
+            time.sleep(0.5)
+            assert register(params, assets / "model") == "2"  # the alias moves at its very end
+            promoted_at = time.monotonic()
+            switch = first_answer_from("llmops-demo/2", promoted_at)
+            # An answer arrives one request after the swap: allow the poll, the load and the longest request.
+            limit = params.serve.poll_seconds + follower.current.load_seconds + max(latencies) + 0.5
+            assert switch <= limit, (switch, follower.health(), max(latencies))
+
+            rolled_back_at = time.monotonic()
+            tracking.rollback(params.tracking, params.registry, "test rollback")
+            switch_back = first_answer_from("llmops-demo/1", rolled_back_at)
+            limit = params.serve.poll_seconds + follower.current.load_seconds + max(latencies) + 0.5
+            assert switch_back <= limit, (switch_back, follower.health(), max(latencies))
+
+            assert register(params, broken_copy(assets / "model", tmp_path / "broken")) == "3"
+            deadline = time.monotonic() + 30
+            while "3" not in follower.health()["failed_versions"]:
+                assert time.monotonic() < deadline, follower.health()
+                time.sleep(0.1)
+            after_failure = time.monotonic()
+            time.sleep(1.0)
+            health = httpx.get(f"{url}/health").json()
+        finally:
+            stop.set()
+            for client in clients:
+                client.join()
+
+    failures = [a for a in answers if a[1] != 200]
+    assert not failures, failures[:5]
+    assert len(answers) > 20
+    assert {m for t, _, m in answers if t > after_failure} == {"llmops-demo/1"}  # the broken version never served
+    assert health["version"] == "1" and health["status"] == "ok"
+    assert "safetensor" in health["failed_versions"]["3"]["error"].lower()  # the load error, for the operator
+
+
+@pytest.fixture(scope="module")
+def shared_registry(tmp_path_factory, assets):
+    """One registry with version 1 as champion, for the tests that only read it: its tracking params."""
+    params = serve_params(tmp_path_factory.mktemp("serve-registry"), assets)
+    register(params, assets / "model")
+    return params.tracking
+
+
+@pytest.fixture
+def served(tmp_path, assets, shared_registry):
+    """A TestClient on the app over the shared champion, with its own traffic folder; returns (client, params)."""
+
+    def make(api_key: str | None = None, **serve):
+        params = serve_params(tmp_path, assets, **serve).model_copy(update={"tracking": shared_registry})
+        app, _ = build(params, api_key)
+        return TestClient(app), params
+
+    return make
+
+
+def test_chat_and_completions_speak_openai_and_name_the_version(served):
+    client, _ = served()
+    chat = client.post("/v1/chat/completions", json=CHAT).json()
+    assert chat["object"] == "chat.completion" and chat["model"] == "llmops-demo/1"
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    assert chat["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chat["usage"]["completion_tokens"] <= 4 and chat["usage"]["prompt_tokens"] > 0
+    completion = client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 3}).json()
+    assert completion["model"] == "llmops-demo/1" and [c["index"] for c in completion["choices"]] == [0, 1]
+    assert client.get("/v1/models").json()["data"][0]["id"] == "llmops-demo/1"
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["version"] == "1"
+
+
+def test_api_key_is_required_when_set(served):
+    client, _ = served(api_key="s3cret")
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
+    wrong = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    assert client.get("/v1/models").status_code == 401
+    good = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer s3cret"})
+    assert good.status_code == 200
+
+
+def test_bad_requests_get_400_naming_the_problem(served):
+    client, params = served(max_tokens=8, default_max_tokens=4, max_prompt_tokens=20)
+    too_many = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 9})
+    assert too_many.status_code == 400 and "serve.max_tokens" in too_many.json()["error"]["message"]
+    long_prompt = {"messages": [{"role": "user", "content": "tiger " * 50}]}
+    too_long = client.post("/v1/chat/completions", json=long_prompt)
+    assert too_long.status_code == 400 and "serve.max_prompt_tokens" in too_long.json()["error"]["message"]
+    malformed = client.post(
+        "/v1/chat/completions", content=b'{"messages": [', headers={"Content-Type": "application/json"}
+    )
+    assert malformed.status_code == 400 and "Invalid request" in malformed.json()["error"]["message"]
+    for body in ({}, {"messages": []}, {"messages": [{"role": "robot", "content": "x"}]}, {**CHAT, "stream": True}):
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, (body, response.text)
+    assert client.post("/v1/completions", json={"prompt": 3}).status_code == 400
+
+
+def traffic_rows(params, kind: str = "traffic") -> list[dict]:
+    files = sorted((params.monitor.incoming / "traffic").glob(f"{kind}-*.jsonl"))
+    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
+
+
+def test_traffic_is_logged_redacted_and_takes_feedback(served):
+    client, params = served()
+    secret = {"messages": [{"role": "user", "content": "I am ann@example.com, card 4111 1111 1111 1111"}]}
+    answer = client.post("/v1/chat/completions", json={**secret, "max_tokens": 3}).json()
+    [row] = traffic_rows(params)
+    assert row["id"] == answer["id"] and row["model"] == "llmops-demo/1" and row["version"] == "1"
+    assert row["latency_ms"] > 0 and row["timestamp"]
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    user = row["messages"][0]["content"]
+    assert "ann@example.com" not in user and "[REDACTED:email]" in user and "[REDACTED:card]" in user
+
+    ok = client.post("/v1/feedback", json={"id": answer["id"], "rating": "down", "correction": "The tiger is orange."})
+    assert ok.status_code == 200
+    [judged] = traffic_rows(params, "feedback")
+    assert (
+        judged["id"] == answer["id"] and judged["rating"] == "down" and judged["correction"] == "The tiger is orange."
+    )
+    assert client.post("/v1/feedback", json={"id": "chatcmpl-20260101T00-x", "rating": "up"}).status_code == 404
+    assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "meh"}).status_code == 400
+
+
+def test_traffic_sampling_and_size_cap(served):
+    client, params = served(sample_rate=0.0)
+    answer = client.post("/v1/chat/completions", json=CHAT).json()
+    assert traffic_rows(params) == []
+    assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "up"}).status_code == 404
+
+
+def test_traffic_stops_at_the_size_cap(served):
+    client, params = served(max_log_bytes=1000)
+    for _ in range(6):
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    files = list((params.monitor.incoming / "traffic").glob("traffic-*.jsonl"))
+    assert 0 < len(traffic_rows(params)) < 6 and sum(f.stat().st_size for f in files) <= 1000
+
+
+HIDE_PROJECT = """
+import json, os, sys
+# Forget every way this project is importable: its folders on sys.path and the editable install's finder.
+sys.path = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "llmops"))]
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+sys.path_hooks = [h for h in sys.path_hooks if "editable" not in getattr(h, "__module__", "")]
+sys.path_importer_cache.clear()
+try:
+    import llmops
+    sys.exit("llmops is still importable from " + llmops.__file__)
+except ImportError:
+    pass
+import mlflow.pyfunc
+model = mlflow.pyfunc.load_model(sys.argv[1])
+import llmops
+out = model.predict([{"prompt": "What color is the tiger?"}], params={"max_new_tokens": 3})
+out += model.predict([{"messages": [{"role": "user", "content": "What color is the tiger?"}]}])
+print(json.dumps({"llmops": llmops.__file__, "out": list(out)}))
+"""
+
+
+def test_registered_model_ships_its_code_and_pins_only_public_releases(tmp_path, assets):
+    params = serve_params(tmp_path, assets)
+    version = register(params, assets / "model")
+    folder = Path(
+        tracking.mlflow.artifacts.download_artifacts(
+            f"models:/{params.registry.model_name}/{version}", dst_path=str(tmp_path / "dl")
+        )
+    )
+    requirements = [line.strip() for line in (folder / "requirements.txt").read_text().splitlines() if line.strip()]
+    names = {r.split("==")[0].lower() for r in requirements}
+    assert not names & {"llmops", "tasks", "flows"}, requirements
+    assert not [r for r in requirements if "+" in r], requirements
+    assert {"torch", "transformers", "mlflow"} <= names
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    assert {p["name"] for p in json.loads(mlmodel["signature"]["params"])} == {"max_new_tokens", "temperature"}
+    assert (folder / "code" / "llmops" / "serve.py").exists()
+
+    # Load it where the project is not importable: only the code shipped with the model can run it.
+    run = subprocess.run(
+        [sys.executable, "-c", HIDE_PROJECT, str(folder)], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["llmops"].startswith(str(folder)) and len(result["out"]) == 2
+
+
+def test_llmops_serve_answers_from_the_champion(tmp_path, assets):
+    """What `make serve` runs: the console command, as its own process, on a free port."""
+    params = serve_params(tmp_path, assets)
+    register(params, assets / "model")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "llmops.cli", "--params", str(tmp_path / "params.yaml"), "serve"]
+    env = {**os.environ, "LLMOPS_SERVE_API_KEY": "k3y", "PYTHONPATH": str(PROJECT)}
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:  # a file, not a pipe: a full pipe would block the server
+        server = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=output, stderr=output)
+    headers = {"Authorization": "Bearer k3y"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "llmops serve did not become healthy"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", headers=headers).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT).status_code == 401
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, headers=headers, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"] == "llmops-demo/1"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_only_judged_traffic_is_fit_to_train_on(tmp_path):
+    from datetime import UTC, datetime
+
+    from llmops.serve import TrafficLog, judged_traffic
+
+    log = TrafficLog(tmp_path, sample_rate=1.0, max_bytes=100_000)
+    now = datetime.now(UTC)
+    ids = {name: TrafficLog.new_id("chatcmpl", now) for name in ("corrected", "liked", "disliked", "unjudged")}
+    for name, response_id in ids.items():
+        log.append(response_id, [{"role": "user", "content": f"question {name}"}], f"answer {name}")
+    assert log.feedback(ids["corrected"], "down", "the right answer")
+    assert log.feedback(ids["liked"], "up", None)
+    assert log.feedback(ids["disliked"], "down", None)
+    assert log.feedback(ids["disliked"], "down", None)  # judged twice: still one exchange
+
+    judged = judged_traffic(tmp_path)
+    assert (judged.folded, judged.left_out) == (2, 2)
+    answers = {row["messages"][0]["content"]: row["messages"][-1]["content"] for row in judged.rows}
+    assert answers == {"question corrected": "the right answer", "question liked": "answer liked"}
+
+
+def test_llmops_serve_on_a_taken_port_exits_2_with_one_paragraph(params_file, capsys):
+    from llmops.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--params", str(params_file), "serve", "--port", str(port)]) == 2
+    error = capsys.readouterr().err
+    assert f"Cannot listen on 127.0.0.1:{port}" in error and "--port" in error and "Traceback" not in error
