@@ -5,6 +5,7 @@ the one rendering in `llmops.chat`."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,10 @@ def load_model(
         if isinstance(recorded, dict) and recorded.get("quant_method") == "gptq" and quantization == "none":
             kernel = GPTQ_KERNELS["cuda" if str(device or "cpu").startswith("cuda") else "cpu"]
             options["quantization_config"] = GPTQConfig(bits=recorded["bits"], backend=kernel)
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **options)
+        with warnings.catch_warnings():
+            # Passing the GPTQ kernel is how transformers takes a loading attribute; it warns that it does.
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **options)
     except OSError as exc:
         raise _not_found(name_or_path, exc) from None
     return model.eval()

@@ -38,21 +38,22 @@ def test_report_covers_candidate_base_and_champion(assets, tmp_path):
     data = validate_dataset(
         ValidateParams(), str(assets / "model"), 1024, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
     ).require_valid()
-    # A candidate that differs from the base in a known way: the output layer halved. Every greedy choice
-    # stays the same, but each next-token distribution is flatter, so its perplexity must be higher.
-    flatter = load_model(assets / "model")
+    # A candidate that differs from the base in a known way: its output layer zeroed, so every next token is
+    # equally likely and its perplexity is exactly the vocabulary size, whatever the base scores.
+    uniform = load_model(assets / "model")
     with torch.no_grad():
-        flatter.lm_head.weight.mul_(0.5)
-    flatter.save_pretrained(tmp_path / "flatter")
-    load_tokenizer(assets / "model").save_pretrained(tmp_path / "flatter")
+        uniform.lm_head.weight.zero_()
+    uniform.save_pretrained(tmp_path / "uniform")
+    load_tokenizer(assets / "model").save_pretrained(tmp_path / "uniform")
 
     params = EvaluateParams(max_samples=8, max_new_tokens=4)
     report = evaluate_models(
-        params, tmp_path / "flatter", str(assets / "model"), assets / "model", data, tmp_path / "eval"
+        params, tmp_path / "uniform", str(assets / "model"), assets / "model", data, tmp_path / "eval"
     )
-    assert report.candidate.rows == 8 and report.candidate.model == str(tmp_path / "flatter")
-    assert report.candidate.perplexity > report.base.perplexity * 1.05
-    assert [s.generated for s in report.candidate.samples] == [s.generated for s in report.base.samples]
+    assert report.candidate.rows == 8 and report.candidate.model == str(tmp_path / "uniform")
+    assert report.candidate.perplexity == pytest.approx(uniform.config.vocab_size, rel=1e-4)
+    assert report.base.perplexity != pytest.approx(report.candidate.perplexity, rel=1e-2)
+    assert report.candidate.eos_rate == 0.0  # every logit ties: greedy takes the first id, never EOS
     assert report.champion.perplexity == pytest.approx(report.base.perplexity)  # the champion is the base here
     saved = json.loads(report.report_file.read_text())
     assert saved["candidate"]["perplexity"] == report.candidate.perplexity
