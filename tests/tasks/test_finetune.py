@@ -106,14 +106,14 @@ def test_incomplete_checkpoints_are_skipped_not_loaded(assets, demo_data, tmp_pa
     folder = checkpoint_folder(RESUME_PARAMS, base, demo_data, tmp_path / "ckpt")
     folder.mkdir(parents=True)
     # A checkpoint whose state file was cut mid-write, and one whose weights are truncated.
+    (folder / "checkpoint-30").mkdir()
+    (folder / "checkpoint-30" / "trainer_state.json").write_text('{"global_step": 4')
     (folder / "checkpoint-40").mkdir()
-    (folder / "checkpoint-40" / "trainer_state.json").write_text('{"global_step": 4')
-    (folder / "checkpoint-50").mkdir()
-    (folder / "checkpoint-50" / "trainer_state.json").write_text("{}")
-    (folder / "checkpoint-50" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00")
+    (folder / "checkpoint-40" / "trainer_state.json").write_text("{}")
+    (folder / "checkpoint-40" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00")
     assert newest_complete_checkpoint(folder) is None
     result = finetune(RESUME_PARAMS, base, demo_data, tmp_path / "ft", tmp_path / "ckpt")
-    assert result.resumed_from_step == 0 and result.steps > 50
+    assert result.resumed_from_step == 0 and result.steps > 40
 
 
 def test_packing_scores_every_row_exactly_as_if_it_were_alone(assets, demo_data):
