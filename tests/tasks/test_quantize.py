@@ -10,7 +10,7 @@ from tasks.validate import validate_dataset
 @pytest.fixture(scope="module")
 def inputs(assets):
     data = validate_dataset(
-        ValidateParams(), str(assets / "model"), 64, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
+        ValidateParams(), str(assets / "model"), 1024, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
     ).require_valid()
     # The bootstrapped base stands in for a merged model: same architecture, same folder layout.
     return data, MergeResult(model_dir=assets / "model", max_logit_diff=0.0)
