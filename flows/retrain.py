@@ -114,12 +114,12 @@ def retrain(
             "finetune",
             finetune_task,
             params.finetune,
-            params.model.base,
+            params.model,
             data,
             out=run_dir / "finetune",
             checkpoints=params.work_dir / "checkpoints",
         )
-        merged = run.stage("merge", merge_task, params.merge, params.model.base, adapter, data, out=run_dir / "merge")
+        merged = run.stage("merge", merge_task, params.merge, params.model, adapter, data, out=run_dir / "merge")
         deployable = run.stage("quantize", quantize_task, params.quantize, merged, data, out=run_dir / "quantize")
         champion_dir = run.stage(
             "fetch_champion",

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from llmops.data import Example
@@ -23,9 +30,13 @@ def format_prompt(prompt: str) -> str:
     return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str | Path, revision: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+        )
     except OSError as exc:
         raise _not_found(name_or_path, exc) from None
     if tokenizer.eos_token_id is None:
@@ -36,15 +47,21 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    name_or_path: str | Path, quantization: str = "none", dtype: torch.dtype = torch.float32, device: str | None = None
+    name_or_path: str | Path,
+    quantization: str = "none",
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM in `dtype` (float32 by default, on the CPU), or in NF4 4-bit (bitsandbytes) for QLoRA
     with `dtype` as the compute type.
 
     A checkpoint that is already quantized (GPTQ) loads with the quantization its config records; passing
     any `quantization_config`, even None, would override that and silently drop the packed weights.
+    `revision` pins a hub id to a tag or commit; `trust_remote_code` lets a checkpoint run its own code.
     """
-    options: dict = {"dtype": dtype}
+    options: dict = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
     if device is not None:
         options["device_map"] = {"": device}
     if quantization == "nf4":
@@ -52,10 +69,32 @@ def load_model(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **options)
+        model_class = _loader_class(name_or_path, revision, trust_remote_code)
+        model = model_class.from_pretrained(str(name_or_path), **options)
     except OSError as exc:
         raise _not_found(name_or_path, exc) from None
     return model.eval()
+
+
+def _loader_class(name_or_path: str | Path, revision: str | None, trust_remote_code: bool) -> type:
+    """AutoModelForCausalLM, except for a GPTQ checkpoint of a transformers architecture: its class, told
+    that the blocks holding packed layers need no weight initialization. Some architectures' initializers
+    reach into a layer's `.weight` (GPT-2's attention and MLP: `c_proj.weight`), which a packed layer does not
+    have (`qweight`), and every packed weight comes from the checkpoint anyway. (The quantize stage checks
+    that no parameter was missing from it.)"""
+    config = AutoConfig.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
+    quantization = getattr(config, "quantization_config", None) or {}
+    if quantization.get("quant_method") != "gptq" or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+    def _initialize_missing_keys(self, is_quantized: bool) -> None:
+        for module in self.modules():
+            if any(hasattr(child, "qweight") for child in module.children()):
+                module._is_hf_initialized = True  # transformers' own flag: skip this module's initializer
+        base._initialize_missing_keys(self, is_quantized)
+
+    return type(base.__name__, (base,), {"_initialize_missing_keys": _initialize_missing_keys})
 
 
 def _not_found(name_or_path: str | Path, exc: Exception) -> LLMOpsError:
@@ -133,6 +172,15 @@ class Generation:
     stopped_at_eos: bool
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
+    """Every token that ends a generation: the tokenizer's EOS and each id in the model's
+    generation_config.eos_token_id (a list for Llama-3 and Qwen style chat models, such as `<|im_end|>`)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    ids = [tokenizer.eos_token_id, *configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -152,7 +200,7 @@ def generate(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_token_ids(tokenizer, model),
             pad_token_id=tokenizer.pad_token_id,
         )
         for row in output[:, batch["input_ids"].shape[1] :].tolist():
