@@ -197,7 +197,7 @@ class MergeParams(Section):
         0.99, ge=0, le=1, description="Share of positions where both models' greedy next token must agree."
     )
     max_relative_error: float = Field(
-        1e-3, gt=0, description="Largest |logit difference| / RMS of the adapter model's logits, per position."
+        1e-2, gt=0, description="Largest |logit difference| / std of the adapter model's logits, per position."
     )
     max_kl: float = Field(
         1e-4, gt=0, description="Largest mean KL divergence (nats) of the merged model's next-token distribution."
