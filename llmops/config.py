@@ -34,6 +34,12 @@ class ModelParams(Section):
         "models/tiny-llama",
         description="Base causal LM: a local folder (relative to params.yaml) or a Hugging Face model id.",
     )
+    revision: str | None = Field(
+        None, description="Tag, branch or commit of a hub model id (recorded in lineage); unset: the default branch."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint. Off: only transformers' own architectures."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where every stage runs the model: `auto` is a CUDA GPU when one is visible, else the CPU."
     )
@@ -117,11 +123,19 @@ class LoraParams(Section):
     r: int = Field(16, ge=1, description="Adapter rank.")
     alpha: int = Field(32, ge=1, description="Scaling numerator: updates are scaled by alpha / r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1,
-        description="Names of the linear layers that get an adapter.",
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="Layers that get an adapter: `all-linear` (every linear or Conv1D layer except the output "
+        "head, PEFT's meaning), or a list of layer names (`[q_proj, v_proj]`), each matching the end of a module "
+        "name. A name matching no layer of the model is an error before training starts.",
     )
+
+    @model_validator(mode="after")
+    def _names_given(self) -> LoraParams:
+        names = self.target_modules
+        if isinstance(names, list) and (not names or not all(name.strip() for name in names)):
+            raise ValueError("target_modules must be `all-linear` or a non-empty list of layer names")
+        return self
 
 
 class DistributedParams(Section):
@@ -215,8 +229,17 @@ class FinetuneParams(Section):
 
 
 class MergeParams(Section):
-    tolerance: float = Field(
-        1e-3, gt=0, description="Largest allowed |logit| difference between adapter and merged model."
+    """The merge's fidelity check: the merged model (as saved) against the adapter model, both run in fp32 on
+    eval prompts. The bounds are relative to the logits' own magnitude, so they hold at any model size."""
+
+    min_token_agreement: float = Field(
+        0.99, ge=0, le=1, description="Share of positions where both models' greedy next token must agree."
+    )
+    max_relative_error: float = Field(
+        1e-2, gt=0, description="Largest |logit difference| / std of the adapter model's logits, per position."
+    )
+    max_kl: float = Field(
+        1e-4, gt=0, description="Largest mean KL divergence (nats) of the merged model's next-token distribution."
     )
     check_prompts: int = Field(8, ge=1, description="Eval prompts used for the fidelity check.")
 
@@ -225,7 +248,12 @@ class QuantizeParams(Section):
     method: Literal["gptq", "none"] = Field("gptq", description="`none` deploys the merged model as is.")
     bits: Literal[2, 3, 4, 8] = Field(4, description="GPTQ weight bits.")
     group_size: int = Field(32, description="GPTQ group size; -1 for one group per row.")
-    calibration_samples: int = Field(64, ge=1, description="Training prompts used to calibrate GPTQ.")
+    calibration_samples: int = Field(
+        128, ge=1, description="Training rows (prompt + response, as training renders them) used to calibrate GPTQ."
+    )
+    act_order: bool = Field(
+        True, description="Quantize columns in order of decreasing activation (GPTQ's desc_act): better quality."
+    )
 
     @model_validator(mode="after")
     def _group_size_is_power_of_two(self) -> QuantizeParams:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -30,10 +31,17 @@ from llmops.errors import LLMOpsError
 EVAL_MAX_SEQ_LEN = 4096
 
 
-def load_tokenizer(name_or_path: str | Path, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str | Path,
+    chat_template: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedTokenizerBase:
     """The model's tokenizer; `chat_template` (data.chat_template's text) replaces its own template."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+        )
     except OSError as exc:
         raise _not_found(name_or_path, exc) from None
     if chat_template is not None:
@@ -46,7 +54,12 @@ def load_tokenizer(name_or_path: str | Path, chat_template: str | None = None) -
 
 
 def load_model(
-    name_or_path: str | Path, quantization: str = "none", dtype: torch.dtype = torch.float32, device: str | None = None
+    name_or_path: str | Path,
+    quantization: str = "none",
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM in `dtype` on `device` (float32 on the CPU by default; stages pass the device policy,
     `llmops.devices.resolve_placement`), or in NF4 4-bit (bitsandbytes) for QLoRA with `dtype` as the compute
@@ -54,9 +67,10 @@ def load_model(
 
     A checkpoint that is already quantized (GPTQ) loads with the quantization its config records; only the
     kernel is chosen here, for the device (`llmops.devices.GPTQ_KERNELS`): transformers keeps the checkpoint's
-    config and takes just the loading attributes from the one passed.
+    config and takes just the loading attributes from the one passed. `revision` pins a hub id to a tag or
+    commit; `trust_remote_code` lets a checkpoint run its own code.
     """
-    options: dict = {"dtype": dtype}
+    options: dict = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
     if device is not None:
         options["device_map"] = {"": device}
     if quantization == "nf4":
@@ -64,17 +78,38 @@ def load_model(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     try:
-        recorded = getattr(AutoConfig.from_pretrained(str(name_or_path)), "quantization_config", None)
+        config = AutoConfig.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
+        recorded = getattr(config, "quantization_config", None)
         if isinstance(recorded, dict) and recorded.get("quant_method") == "gptq" and quantization == "none":
             kernel = GPTQ_KERNELS["cuda" if str(device or "cpu").startswith("cuda") else "cpu"]
             options["quantization_config"] = GPTQConfig(bits=recorded["bits"], backend=kernel)
         with warnings.catch_warnings():
             # Passing the GPTQ kernel is how transformers takes a loading attribute; it warns that it does.
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **options)
+            model = _loader_class(config).from_pretrained(str(name_or_path), **options)
     except OSError as exc:
         raise _not_found(name_or_path, exc) from None
     return model.eval()
+
+
+def _loader_class(config) -> type:
+    """AutoModelForCausalLM, except for a GPTQ checkpoint of a transformers architecture: its class, told
+    that the blocks holding packed layers need no weight initialization. Some architectures' initializers
+    reach into a layer's `.weight` (GPT-2's attention and MLP: `c_proj.weight`), which a packed layer does not
+    have (`qweight`), and every packed weight comes from the checkpoint anyway. (The quantize stage checks
+    that no parameter was missing from it.)"""
+    quantization = getattr(config, "quantization_config", None) or {}
+    if quantization.get("quant_method") != "gptq" or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+    def _initialize_missing_keys(self, is_quantized: bool) -> None:
+        for module in self.modules():
+            if any(hasattr(child, "qweight") for child in module.children()):
+                module._is_hf_initialized = True  # transformers' own flag: skip this module's initializer
+        base._initialize_missing_keys(self, is_quantized)
+
+    return type(base.__name__, (base,), {"_initialize_missing_keys": _initialize_missing_keys})
 
 
 def _not_found(name_or_path: str | Path, exc: Exception) -> LLMOpsError:
@@ -147,6 +182,15 @@ class Generation:
     stopped_at_eos: bool
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
+    """Every token that ends a generation: the tokenizer's EOS and each id in the model's
+    generation_config.eos_token_id (a list for Llama-3 and Qwen style chat models, such as `<|im_end|>`)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    ids = [tokenizer.eos_token_id, *configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -166,7 +210,7 @@ def generate(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_token_ids(tokenizer, model),
             pad_token_id=tokenizer.pad_token_id,
         )
         for row in output[:, batch["input_ids"].shape[1] :].tolist():

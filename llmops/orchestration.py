@@ -17,6 +17,8 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 from pydantic import BaseModel
 
+from llmops.config import ModelParams
+
 # Code every stage depends on besides its own module: a change here must invalidate every cache.
 _SHARED_MODULES = [
     Path(__file__).with_name(name) for name in ("modeling.py", "chat.py", "data.py", "files.py", "training.py")
@@ -69,6 +71,8 @@ def _as_path_if_local(value: Any) -> Any:
 
 
 def _encode(value: Any) -> Any:
+    if isinstance(value, ModelParams):  # a local base model folder is fingerprinted, as when given alone
+        return {key: _as_path_if_local(item) for key, item in value.model_dump(mode="json").items()}
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

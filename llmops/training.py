@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,11 +23,12 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from pydantic import BaseModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.pytorch_utils import Conv1D
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
-from llmops.config import DistributedParams, FinetuneParams
+from llmops.config import DistributedParams, FinetuneParams, LoraParams
 from llmops.data import read_conversations
 from llmops.devices import DeviceChoice, DtypeChoice, resolve_placement
 from llmops.errors import LLMOpsError
@@ -40,14 +42,82 @@ class TrainingJob(BaseModel, frozen=True):
 
     params: FinetuneParams
     base_model: str
+    revision: str | None = None
+    trust_remote_code: bool = False
     train_file: Path
     adapter_dir: Path
     checkpoint_dir: Path
     result_file: Path  # rank 0 writes a TrainingOutcome here on success
-    error_file: Path  # any rank writes a user-facing error message here on bad input
+    error_file: Path  # a rank whose training raised writes a TrainingErrorReport here
+    traceback_file: Path | None = None  # and the traceback of a crash here, kept for whoever debugs it
     chat_template: str | None = None  # data.chat_template's text, replacing the tokenizer's own
     device: DeviceChoice = "auto"  # the device policy, model.device / model.dtype (llmops.devices)
     dtype: DtypeChoice = "auto"
+
+
+class TrainingErrorReport(BaseModel, frozen=True):
+    """An exception raised inside a training process, as the parent reports it."""
+
+    user_error: bool  # bad input (LLMOpsError, ValueError): exit 2; anything else is a crash: exit 1
+    message: str  # one paragraph
+
+
+class TargetModules(BaseModel, frozen=True):
+    """Which linear layers of the base get a LoRA adapter, resolved from its config before anything trains."""
+
+    adapted: list[str]  # layer kinds (the last part of the module name: q_proj, c_attn, fc1, ...)
+    not_adapted: list[str]  # linear layer kinds left out (the output head is never adapted)
+    adapted_layers: int  # layers, over all blocks
+
+
+def linear_layers(base_model: str, revision: str | None = None, trust_remote_code: bool = False) -> list[str]:
+    """Names of the model's linear (or GPT-2 Conv1D) layers, output head excluded: what `all-linear` adapts.
+
+    The model is built from its config on the meta device: no weight is read and no memory is allocated,
+    so this costs a second even for a 70B model."""
+    try:
+        config = AutoConfig.from_pretrained(base_model, revision=revision, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LLMOpsError(
+            f"Cannot build the model {base_model} from its config: {_one_paragraph(exc)}. Set model.base to a "
+            "causal LM folder or Hugging Face model id (run `llmops bootstrap` for the default tiny model)."
+        ) from None
+    head = model.get_output_embeddings()
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | Conv1D) and module is not head
+    ]
+
+
+def resolve_target_modules(lora: LoraParams, layers: list[str]) -> TargetModules:
+    """Match `lora.target_modules` against the model's linear layers as PEFT does (a name matches a module
+    whose name is that name or ends with `.name`).
+
+    Raises:
+        LLMOpsError: a listed name matches no linear layer; the message lists the model's layer kinds.
+    """
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    if lora.target_modules == "all-linear":
+        return TargetModules(adapted=kinds, not_adapted=[], adapted_layers=len(layers))
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith(f".{target}")
+
+    unmatched = [t for t in lora.target_modules if not any(matches(name, t) for name in layers)]
+    if unmatched:
+        raise LLMOpsError(
+            f"finetune.lora.target_modules names {', '.join(unmatched)}, which match no linear layer of this model. "
+            f"Its linear layers are: {', '.join(kinds)}. Set target_modules to `all-linear` (every one of them), "
+            "or list some of these names."
+        )
+    chosen = [name for name in layers if any(matches(name, t) for t in lora.target_modules)]
+    adapted = sorted({name.rsplit(".", 1)[-1] for name in chosen})
+    return TargetModules(
+        adapted=adapted, not_adapted=[k for k in kinds if k not in adapted], adapted_layers=len(chosen)
+    )
 
 
 class TrainingOutcome(BaseModel, frozen=True):
@@ -195,7 +265,7 @@ def train(job: TrainingJob) -> TrainingOutcome:
     # finetune.precision, when set, overrides the policy's type for training only.
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(params.precision, placement.dtype)
 
-    tokenizer = load_tokenizer(job.base_model, job.chat_template)
+    tokenizer = load_tokenizer(job.base_model, job.chat_template, job.revision, job.trust_remote_code)
     encoded = [encode_conversation(tokenizer, c, params.max_seq_len) for c in read_conversations(job.train_file)]
     usable = [row for row in encoded if any(label != IGNORE_INDEX for label in row["labels"])]
     if not usable:
@@ -246,7 +316,7 @@ def train(job: TrainingJob) -> TrainingOutcome:
         disable_tqdm=True,
     )
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_gpu and params.quantization == "nf4" else None
-    model = load_model(job.base_model, params.quantization, dtype, device)
+    model = load_model(job.base_model, params.quantization, dtype, device, job.revision, job.trust_remote_code)
     if params.quantization == "nf4" and dtype != torch.bfloat16:
         # Upcasts every weight left unquantized (embeddings, norms) to float32, for float16's narrow range. In
         # bfloat16 that buys nothing and costs double: on a 0.5B model with a 152k vocabulary the embedding
@@ -256,7 +326,7 @@ def train(job: TrainingJob) -> TrainingOutcome:
         r=params.lora.r,
         lora_alpha=params.lora.alpha,
         lora_dropout=params.lora.dropout,
-        target_modules=list(params.lora.target_modules),
+        target_modules=params.lora.target_modules,
         task_type="CAUSAL_LM",
     )
     set_seed(params.seed)  # the adapter's random init must not depend on what ran before in this process
@@ -311,6 +381,11 @@ def _peak_memory_mb(on_gpu: bool) -> float:
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
+def _one_paragraph(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 600 else text[:600] + " ..."
+
+
 def main() -> None:
     """Entry point of every training process: `python -m llmops.training JOB.json`."""
     rank = int(os.environ.get("RANK", "0"))
@@ -324,9 +399,16 @@ def main() -> None:
     job = TrainingJob.model_validate_json(Path(sys.argv[1]).read_text())
     try:
         outcome = train(job)
-    except LLMOpsError as exc:
-        job.error_file.write_text(str(exc))
+    except (LLMOpsError, ValueError) as exc:  # bad input, said in its own words: no traceback
+        job.error_file.write_text(TrainingErrorReport(user_error=True, message=_one_paragraph(exc)).model_dump_json())
         sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - a crash: reported to the parent, traceback kept in a file
+        if job.traceback_file is not None:
+            job.traceback_file.parent.mkdir(parents=True, exist_ok=True)
+            job.traceback_file.write_text(traceback.format_exc())
+        message = f"{type(exc).__name__}: {_one_paragraph(exc)}"
+        job.error_file.write_text(TrainingErrorReport(user_error=False, message=message).model_dump_json())
+        sys.exit(1)
     if rank == 0:
         job.result_file.write_text(outcome.model_dump_json())
 

@@ -25,22 +25,38 @@ from typing import IO
 
 from safetensors.torch import load_file
 
-from llmops.config import DistributedParams, FinetuneParams, dvc_stage_args
+from llmops.config import DistributedParams, FinetuneParams, ModelParams, dvc_stage_args
 from llmops.data import DatasetRef
 from llmops.devices import DeviceChoice, DtypeChoice, resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_json, write_stage_metadata
-from llmops.training import TrainingJob, TrainingOutcome
+from llmops.training import (
+    TargetModules,
+    TrainingErrorReport,
+    TrainingJob,
+    TrainingOutcome,
+    linear_layers,
+    resolve_target_modules,
+)
 
 log = logging.getLogger(__name__)
 
 
 class FinetuneResult(TrainingOutcome, frozen=True):
     adapter_dir: Path
+    target_modules: TargetModules  # which linear layers were adapted, and which were left out
 
 
 class TrainingFailed(LLMOpsError):
-    """A training process crashed, was killed, or stalled; every rank has been stopped (exit code 1)."""
+    """A training process was killed (by a signal: out of memory, preemption) or stalled; every rank has been
+    stopped, and a retry resumes from the newest checkpoint (exit code 1)."""
+
+    exit_code = 1
+
+
+class TrainingRaised(LLMOpsError):
+    """A training process raised an exception that is not bad input (exit code 1). Not retried: the same
+    inputs would crash the same way."""
 
     exit_code = 1
 
@@ -57,7 +73,7 @@ def checkpoint_folder(params: FinetuneParams, base_model: str, data: DatasetRef,
 
 def finetune(
     params: FinetuneParams,
-    base_model: str,
+    base_model: str | ModelParams,
     data: DatasetRef,
     out: Path,
     checkpoints: Path,
@@ -66,39 +82,58 @@ def finetune(
 ) -> FinetuneResult:
     """Train a LoRA adapter on `data.train` and write it, with its config and metadata, to `out`.
 
+    `base_model` is a model folder or hub id, or the `model` params (with a revision and trust_remote_code).
+
     Rows whose response is cut away entirely by `max_seq_len` teach nothing (and would make the loss NaN
     in a batch of only such rows), so they are skipped and counted. Checkpoints go to a folder under
     `checkpoints` keyed by the inputs; training resumes from the newest complete one and removes them once
     the adapter is saved. `device` and `dtype` are the device policy (model.device, model.dtype).
 
     Raises:
-        TrainingFailed: a training process died or stalled.
-        LLMOpsError: the inputs cannot be trained on (no usable row, a batch size the ranks cannot split).
+        TrainingFailed: a training process was killed or stalled (retried by the flow).
+        TrainingRaised: a training process raised an unexpected exception (not retried).
+        LLMOpsError: the inputs cannot be trained on (target modules the model lacks, no usable row, a batch
+            size the ranks cannot split).
     """
     placement = resolve_placement(device, dtype)  # a bad policy fails here, before any process starts
     log.info("training on %s", placement)
-    checkpoint_dir = checkpoint_folder(params, base_model, data, checkpoints)
+    model = base_model if isinstance(base_model, ModelParams) else ModelParams(base=base_model)
+    base_model = model.base
+    # Checked here, from the config alone, so a wrong name costs a second and not a failed training.
+    targets = resolve_target_modules(params.lora, linear_layers(base_model, model.revision, model.trust_remote_code))
+    log.info("LoRA adapts %d layers: %s", targets.adapted_layers, ", ".join(targets.adapted))
+    if targets.not_adapted:
+        log.warning(
+            "finetune.lora.target_modules leaves these linear layers without an adapter: %s",
+            ", ".join(targets.not_adapted),
+        )
+    pinned = base_model + (f"@{model.revision}" if model.revision else "")
+    checkpoint_dir = checkpoint_folder(params, pinned, data, checkpoints)
     with atomic_dir(out) as tmp:
         job = TrainingJob(
             params=params,
             base_model=base_model,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
             train_file=data.train,
             adapter_dir=tmp / "adapter",
             checkpoint_dir=checkpoint_dir,
             result_file=tmp / "training.json",
-            error_file=tmp / "training-error.txt",
+            error_file=tmp / "training-error.json",
+            traceback_file=checkpoint_dir / "training-traceback.txt",
             chat_template=data.chat_template,
             device=device,
             dtype=dtype,
         )
         outcome = run_training(job)
         check_adapter(job.adapter_dir, params)
-        result = FinetuneResult(adapter_dir=out / "adapter", **outcome.model_dump())
+        result = FinetuneResult(adapter_dir=out / "adapter", target_modules=targets, **outcome.model_dump())
         write_stage_metadata(
             tmp,
             "finetune",
             params,
             base_model=base_model,
+            revision=model.revision,
             dataset=data.model_dump(mode="json"),
             **result.model_dump(mode="json", exclude={"loss_history"}),
         )
@@ -172,14 +207,22 @@ def run_training(job: TrainingJob) -> TrainingOutcome:
     finally:
         _stop_group(process)
         job_file.unlink()
-    if job.error_file.exists():
-        raise LLMOpsError(job.error_file.read_text())
+    if job.error_file.exists():  # the training raised: its own message, no out-of-memory guesswork
+        error = TrainingErrorReport.model_validate_json(job.error_file.read_text())
+        if error.user_error:
+            raise LLMOpsError(error.message)
+        raise TrainingRaised(
+            f"Training crashed: {error.message}. Every training process was stopped; it is not retried, since "
+            f"the same inputs would crash again. The traceback is in {job.traceback_file}."
+        )
     if code != 0 or not job.result_file.exists():
+        # No exception was reported, so a process died without a word: killed by a signal (the out-of-memory
+        # killer, a preemption), or under DeepSpeed a rank so killed, which the launcher reports as a code.
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         raise TrainingFailed(
-            f"Training {how}; every training process was stopped (a SIGKILL is often the out-of-memory killer). "
-            "The next attempt with the same data and params resumes from the newest complete checkpoint. "
-            "Last lines:\n" + "\n".join(tail)
+            f"Training {how} without reporting an error; every training process was stopped. A process killed "
+            "by a signal (SIGKILL) is often the out-of-memory killer, or a preemption. The next attempt with the "
+            "same data and params resumes from the newest complete checkpoint. Last lines:\n" + "\n".join(tail)
         )
     return TrainingOutcome.model_validate_json(job.result_file.read_text())
 
@@ -239,7 +282,7 @@ def main() -> None:
     params, out = dvc_stage_args("finetune")
     data = load_result(DatasetRef, out.with_name("validate"))
     model, checkpoints = params.model, params.work_dir / "checkpoints"
-    result = finetune(params.finetune, model.base, data, out, checkpoints, model.device, model.dtype)
+    result = finetune(params.finetune, model, data, out, checkpoints, model.device, model.dtype)
     save_result(result, out)
 
 

@@ -1,7 +1,10 @@
 """GPTQ 4-bit quantization of the merged model, through transformers' GPTQConfig (optimum + GPTQModel).
 
-The quantized folder is only published after it has been loaded back from disk and has generated, so the
-deployable artifact is known to work. `quantize.method: none` deploys the merged model unchanged.
+Every linear (or GPT-2 Conv1D) layer of the transformer blocks is quantized, except those the packed format
+cannot hold (a width not a multiple of 32, or an input width the group size does not divide): those stay in
+full precision and are listed in the result. The quantized folder is only published after it has been loaded
+back from disk with every parameter found in the checkpoint, and has generated, so the deployable artifact
+is known to work. `quantize.method: none` deploys the merged model unchanged.
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ import logging
 import random
 from pathlib import Path
 
+import torch
+from optimum.gptq.utils import get_block_name_with_pattern, get_layers
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM, GPTQConfig
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, GPTQConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from llmops.chat import render
 from llmops.config import QuantizeParams, dvc_stage_args
-from llmops.data import DatasetRef, read_conversations
-from llmops.devices import DeviceChoice, DtypeChoice, resolve_placement
+from llmops.data import Conversation, DatasetRef, read_conversations
+from llmops.devices import DeviceChoice, DtypeChoice, Placement, resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
 from llmops.modeling import (
@@ -39,6 +46,8 @@ class QuantizeResult(BaseModel, frozen=True):
     merged_size_bytes: int
     perplexity: float
     merged_perplexity: float
+    full_precision_layers: list[str] = []  # block layers GPTQ cannot pack, kept unquantized (relative names)
+    calibration_rows: int = 0
 
     @property
     def perplexity_ratio(self) -> float:
@@ -73,13 +82,26 @@ def quantize_model(
             merged_perplexity=merged_ppl,
         )
 
-    train = read_conversations(data.train)
-    calibration = random.Random(0).sample(train, min(params.calibration_samples, len(train)))
+    calibration = calibration_set(tokenizer, read_conversations(data.train), params.calibration_samples)
+    model = load_model(merged.model_dir)
+    to_quantize, full_precision = packable_block_layers(model, params.group_size)
+    del model
+    if full_precision:
+        log.warning("GPTQ cannot pack %s: they stay in full precision", ", ".join(full_precision))
+    if not to_quantize:
+        raise LLMOpsError(
+            f"No layer of {merged.model_dir} can be GPTQ-packed (every width must be a multiple of 32 and of "
+            f"quantize.group_size={params.group_size}). Set quantize.method: none to deploy the merged model."
+        )
     config = GPTQConfig(
         bits=params.bits,
         group_size=params.group_size,
-        dataset=[tokenizer.decode(render(tokenizer, c, EVAL_MAX_SEQ_LEN)[0]) for c in calibration],  # as trained
+        dataset=calibration,
         tokenizer=tokenizer,
+        desc_act=params.act_order,
+        # Listing the layers is what keeps the others in full precision; one group per layer keeps GPTQ's
+        # sequential order (each layer calibrated on the already-quantized outputs of those before it).
+        modules_in_block_to_quantize=[[name] for name in to_quantize] if full_precision else None,
         backend=placement.gptq_kernel,
     )
     with atomic_dir(out) as tmp:
@@ -96,10 +118,11 @@ def quantize_model(
                 "quantize.group_size (the group size must divide every layer's input width), or set "
                 "quantize.method: none."
             ) from None
+        quantized.config.quantization_config.dataset = None  # the calibration token ids: not for config.json
         quantized.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del quantized
-        reloaded = load_model(tmp, dtype=placement.dtype, device=placement.device)
+        reloaded = reload_complete(tmp, placement)
         sample = generate(reloaded, tokenizer, [eval_examples[0].prompt], max_new_tokens=8)[0]
         log.info("quantized model reloaded and generated %r", sample.text)
         result = QuantizeResult(
@@ -109,6 +132,8 @@ def quantize_model(
             merged_size_bytes=merged_size,
             perplexity=response_perplexity(reloaded, tokenizer, eval_examples, EVAL_MAX_SEQ_LEN),
             merged_perplexity=merged_ppl,
+            full_precision_layers=full_precision,
+            calibration_rows=len(calibration),
         )
         write_stage_metadata(
             tmp,
@@ -127,6 +152,60 @@ def quantize_model(
         result.perplexity,
     )
     return result
+
+
+def calibration_set(tokenizer: PreTrainedTokenizerBase, train: list[Conversation], samples: int) -> list[dict]:
+    """GPTQ's calibration rows: training rows, token for token as training renders them (the layers are
+    calibrated on the activations they will see), sampled with a fixed seed."""
+    rows = random.Random(0).sample(train, min(samples, len(train)))
+    calibration = []
+    for row in rows:
+        ids = render(tokenizer, row, EVAL_MAX_SEQ_LEN)[0]
+        calibration.append({"input_ids": [ids], "attention_mask": [[1] * len(ids)]})
+    return calibration
+
+
+def packable_block_layers(model: PreTrainedModel, group_size: int) -> tuple[list[str], list[str]]:
+    """The block layers (names relative to a block: `self_attn.q_proj`, `attn.c_attn`) GPTQ can pack, and
+    those it cannot: the packed kernels need both widths to be multiples of 32, and the input width to be a
+    multiple of the group size. A name is packable only if it is in every block."""
+    prefix = get_block_name_with_pattern(model)
+    widths: dict[str, set[tuple[int, int]]] = {}
+    for name, layer in get_layers(model, prefix=prefix).items():
+        relative = name.removeprefix(prefix).lstrip(".").split(".", 1)[1]  # drop the block index
+        shape = tuple(layer.weight.shape)
+        in_out = (shape[0], shape[1]) if not isinstance(layer, torch.nn.Linear) else (shape[1], shape[0])
+        widths.setdefault(relative, set()).add(in_out)
+
+    def packable(in_features: int, out_features: int) -> bool:
+        return in_features % 32 == 0 and out_features % 32 == 0 and (group_size == -1 or in_features % group_size == 0)
+
+    ok = [name for name, shapes in widths.items() if all(packable(*shape) for shape in shapes)]
+    return ok, [name for name in widths if name not in ok]
+
+
+def reload_complete(folder: Path, placement: Placement) -> PreTrainedModel:
+    """Load a saved model back and check that the checkpoint held every parameter and persistent buffer of
+    the loaded model: one it lacked was newly (randomly) initialized by the loader, a silent corruption.
+
+    Raises:
+        LLMOpsError: a parameter or buffer of the reloaded model is not in the checkpoint.
+    """
+    reloaded = load_model(folder, dtype=placement.dtype, device=placement.device)
+    saved: set[str] = set()
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as handle:
+            saved |= set(handle.keys())
+    state = reloaded.state_dict()
+    saved_storage = {state[key].data_ptr() for key in saved if key in state}  # tied weights are saved once
+    missing = sorted(key for key, t in state.items() if key not in saved and t.data_ptr() not in saved_storage)
+    if missing:
+        raise LLMOpsError(
+            f"The model saved in {folder} does not reload as it was saved: {len(missing)} parameter(s) missing from "
+            f"the checkpoint were newly initialized ({', '.join(missing[:6])}). Its weights cannot be trusted; set "
+            "quantize.method: none to deploy the merged model."
+        )
+    return reloaded
 
 
 def main() -> None:

@@ -55,6 +55,15 @@ def one_epoch_adapter(assets, demo_data, tmp_path_factory):
     return finetune(FinetuneParams(epochs=1), str(assets / "model"), demo_data, folder / "ft", folder / "ckpt")
 
 
+@pytest.fixture(scope="session")
+def tiny_architectures(assets, tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-weight models of eight common architectures (tests/architectures.py), built once."""
+    from tests.architectures import ARCHITECTURES, build_tiny_model
+
+    root = tmp_path_factory.mktemp("architectures")
+    return {name: build_tiny_model(name, assets / "model", root / name) for name in ARCHITECTURES}
+
+
 def training_processes() -> list:
     """The training processes (a single one, or the DeepSpeed ranks) this test process has started."""
     import psutil

@@ -187,7 +187,7 @@ def broken_run(case: str, tmp_path: Path) -> tuple[dict, type[Exception]]:
     if case == "unreadable-eval-file":  # no Data Docs can be built for it: still a clean failure
         (tmp_path / "eval.jsonl").write_text("")
         return {"data.eval": str(tmp_path / "eval.jsonl")}, InvalidData
-    return {"merge.tolerance": 1e-12}, MergeFidelityError  # a stage that crashes after training
+    return {"merge.max_relative_error": 1e-15}, MergeFidelityError  # a stage that crashes after training
 
 
 @pytest.mark.parametrize("case", ["invalid-data", "unreadable-eval-file", "crashed-stage"])

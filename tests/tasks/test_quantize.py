@@ -1,9 +1,13 @@
+import shutil
+
 import pytest
+from safetensors.torch import load_file, save_file
 
 from llmops.config import QuantizeParams, ValidateParams
+from llmops.errors import LLMOpsError
 from llmops.modeling import generate, load_model, load_tokenizer
-from tasks.merge import MergeResult
-from tasks.quantize import quantize_model
+from tasks.merge import Fidelity, MergeResult
+from tasks.quantize import quantize_model, reload_complete
 from tasks.validate import validate_dataset
 
 
@@ -13,7 +17,8 @@ def inputs(assets):
         ValidateParams(), str(assets / "model"), 1024, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
     ).require_valid()
     # The bootstrapped base stands in for a merged model: same architecture, same folder layout.
-    return data, MergeResult(model_dir=assets / "model", max_logit_diff=0.0)
+    exact = Fidelity(positions=1, token_agreement=1.0, max_relative_error=0.0, mean_kl=0.0, max_logit_diff=0.0)
+    return data, MergeResult(model_dir=assets / "model", fidelity=exact)
 
 
 @pytest.mark.slow
@@ -34,3 +39,14 @@ def test_method_none_deploys_the_merged_model(inputs, tmp_path):
     result = quantize_model(QuantizeParams(method="none"), merged, data, tmp_path / "none")
     assert result.model_dir == merged.model_dir and result.perplexity_ratio == 1.0
     assert not (tmp_path / "none").exists()
+
+
+def test_a_reload_that_would_initialize_a_missing_parameter_fails(assets, tmp_path):
+    assert reload_complete(assets / "model").config.vocab_size > 0  # a complete checkpoint reloads
+    broken = tmp_path / "broken"
+    shutil.copytree(assets / "model", broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LLMOpsError, match="model.layers.1.mlp.down_proj.weight"):
+        reload_complete(broken)
