@@ -4,16 +4,25 @@ With the promote stage, this is the only code that touches the registry. Aliases
 in production, `challenger` the latest candidate the gate rejected. Every change of champion is appended to
 the registered model's tags as a `champion_history.NNNN` event, so who is champion, since when and why can
 always be read back, and a rollback replays that history instead of guessing.
+
+Every write to a registered model's versions, aliases and history happens under `registry_lock`, one writer
+at a time per registered model, whichever process or machine it runs on.
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import logging
+import os
 import subprocess
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,10 +35,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
+from llmops import console
 from llmops.config import Params, RegistryParams, TrackingParams
 from llmops.errors import LLMOpsError
+from llmops.files import exclusive, mask_secrets, masked
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger(console.PROGRESS)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history."
@@ -73,6 +85,7 @@ class TrackedRun:
     run_name: str
     tags: dict[str, str]
     experiment: str = ""  # default: the params' tracking.experiment
+    run_dir: Path | None = None  # the run's folder: its full log (`run.log`) is kept there and in MLflow
     run_id: str = ""
     timings: list[StageTiming] = field(default_factory=list)
     current_stage: str = "setup"
@@ -87,17 +100,24 @@ class TrackedRun:
             if experiment
             else self.client.create_experiment(name, artifact_location=self.params.tracking.artifact_location)
         )
-        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=masked(self.tags))
         self.run_id = run.info.run_id
-        flat = _flatten(self.params.model_dump(mode="json", by_alias=True))
+        if self.run_dir is not None:
+            console.move_log(self.run_dir)
+        # Credentials in URIs (a tracking server's password, say) are masked: the store keeps no secret.
+        effective = masked(self.params.model_dump(mode="json", by_alias=True))
+        flat = _flatten(effective)
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
-        self.client.log_dict(self.run_id, self.params.model_dump(mode="json", by_alias=True), "params.json")
+        self.client.log_dict(self.run_id, effective, "params.json")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:
             self.client.set_tag(self.run_id, "failed_stage", self.current_stage)
-            self.client.set_tag(self.run_id, "error", str(exc)[:5000])
+            self.client.set_tag(self.run_id, "error", mask_secrets(str(exc))[:5000])
+            progress.info("%-15s FAILED", self.current_stage)
+        if self.run_dir is not None and (full_log := console.move_log(self.run_dir)) is not None:
+            self.client.log_artifact(self.run_id, str(full_log))  # as far as it goes: the run itself is over
         self.client.set_terminated(self.run_id, "FAILED" if exc else "FINISHED")
 
     def stage(self, name: str, task: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -108,6 +128,7 @@ class TrackedRun:
         result = state.result()  # re-raises the stage's exception
         timing = StageTiming(name, time.perf_counter() - start, cached=state.name == "Cached")
         self.timings.append(timing)
+        progress.info("%-15s %7.1fs%s", name, timing.seconds, "  (cached)" if timing.cached else "")
         metrics = {f"stage_seconds.{name}": timing.seconds}
         if isinstance(result, BaseModel):
             dump = result.model_dump(mode="json")
@@ -137,7 +158,7 @@ class TrackedRun:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            self.client.set_tag(self.run_id, key, mask_secrets(str(value)))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -191,19 +212,89 @@ def _requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("torch", "transformers", "gptqmodel", "optimum", "llmops")]
 
 
+# Locks this process holds, by key, with their depth: the lock is re-entrant within a process (the flow holds
+# it around evaluate-gate-promote, and promote takes it again), exclusive between processes.
+_held: dict[str, int] = {}
+_held_guard = threading.Lock()
+
+
+@contextmanager
+def registry_lock(tracking: TrackingParams, registry: RegistryParams) -> Iterator[None]:
+    """One writer at a time for this registered model, with what the stores offer.
+
+    - A file lock (flock) beside an embedded SQLite store, which every process using that store can see; for
+      a remote tracking server, in the temp folder (this machine only: add a Prefect API for more).
+    - Also a Prefect global concurrency limit of 1 (`llmops-registry-<model>`, created on first use) when a
+      Prefect API is configured, which every worker of that API sees, on any machine.
+    """
+    key = f"{tracking.uri}|{registry.model_name}"
+    with _held_guard:
+        depth = _held.get(key, 0)
+        _held[key] = depth + 1
+    try:
+        if depth:
+            yield
+            return
+        with ExitStack() as stack:
+            if _prefect_api_configured():
+                stack.enter_context(_prefect_limit(f"llmops-registry-{registry.model_name}"))
+            stack.enter_context(exclusive(_lock_path(tracking, registry), "waiting for another run to promote"))
+            yield
+    finally:
+        with _held_guard:
+            _held[key] -= 1
+
+
+def _prefect_api_configured() -> bool:
+    if "prefect" not in sys.modules:  # the quick commands never import Prefect for this
+        return bool(os.environ.get("PREFECT_API_URL"))
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+@contextmanager
+def _prefect_limit(name: str) -> Iterator[None]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):  # another run may create it first
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
+def _lock_path(tracking: TrackingParams, registry: RegistryParams) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in registry.model_name)
+    if tracking.uri.startswith("sqlite:///"):
+        store = Path(tracking.uri.removeprefix("sqlite:///").split("?")[0])
+        return store.with_name(f"{store.name}.locks") / f"{safe}.lock"
+    digest = hashlib.sha256(mask_secrets(tracking.uri).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "llmops-locks" / f"{digest}-{safe}.lock"
+
+
 def set_alias(tracking: TrackingParams, registry: RegistryParams, alias: str, version: str, reason: str) -> None:
     """Point `alias` at `version`; a new champion is also appended to the champion history."""
-    client = client_for(tracking)
-    client.set_registered_model_alias(registry.model_name, alias, version)
-    client.set_model_version_tag(registry.model_name, version, f"{alias}_reason", reason)
-    if alias == CHAMPION:
-        _append_history(client, registry.model_name, {"event": "promote", "version": version, "reason": reason})
+    with registry_lock(tracking, registry):
+        client = client_for(tracking)
+        client.set_registered_model_alias(registry.model_name, alias, version)
+        client.set_model_version_tag(registry.model_name, version, f"{alias}_reason", reason)
+        if alias == CHAMPION:
+            _append_history(client, registry.model_name, {"event": "promote", "version": version, "reason": reason})
 
 
 def _append_history(client: MlflowClient, name: str, event: dict[str, str]) -> None:
-    number = len(champion_history(client, name)) + 1
+    """Add the next `champion_history.NNNN` tag; callers hold `registry_lock`, so no two appends share a number."""
+    tags = client.get_registered_model(name).tags
+    numbers = [int(key.removeprefix(HISTORY_TAG)) for key in tags if key.startswith(HISTORY_TAG)]
     event = {**event, "at": datetime.now(UTC).isoformat(timespec="seconds"), "by": getpass.getuser()}
-    client.set_registered_model_tag(name, f"{HISTORY_TAG}{number:04d}", json.dumps(event))
+    client.set_registered_model_tag(name, f"{HISTORY_TAG}{max(numbers, default=0) + 1:04d}", json.dumps(event))
 
 
 def champion_history(client: MlflowClient, name: str) -> list[dict[str, str]]:
@@ -250,20 +341,21 @@ def download_champion(tracking: TrackingParams, registry: RegistryParams, dest_r
 def rollback(tracking: TrackingParams, registry: RegistryParams, reason: str) -> tuple[str, str]:
     """Move `champion` back to the version it displaced; returns (from_version, to_version)."""
     client = client_for(tracking)
-    stack = _champion_stack(champion_history(client, registry.model_name))
-    if len(stack) < 2:
-        raise LLMOpsError(
-            f"Registered model {registry.model_name!r} has no previous champion to roll back to "
-            f"(champion history holds {len(stack)} promotion(s)). Nothing was changed."
+    with registry_lock(tracking, registry):
+        stack = _champion_stack(champion_history(client, registry.model_name))
+        if len(stack) < 2:
+            raise LLMOpsError(
+                f"Registered model {registry.model_name!r} has no previous champion to roll back to "
+                f"(champion history holds {len(stack)} promotion(s)). Nothing was changed."
+            )
+        current, previous = stack[-1], stack[-2]
+        client.set_registered_model_alias(registry.model_name, CHAMPION, previous)
+        client.set_model_version_tag(registry.model_name, previous, f"{CHAMPION}_reason", reason)
+        _append_history(
+            client,
+            registry.model_name,
+            {"event": "rollback", "version": previous, "from": current, "reason": reason},
         )
-    current, previous = stack[-1], stack[-2]
-    client.set_registered_model_alias(registry.model_name, CHAMPION, previous)
-    client.set_model_version_tag(registry.model_name, previous, f"{CHAMPION}_reason", reason)
-    _append_history(
-        client,
-        registry.model_name,
-        {"event": "rollback", "version": previous, "from": current, "reason": reason},
-    )
     return current, previous
 
 

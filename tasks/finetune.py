@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from llmops.config import DistributedParams, FinetuneParams, dvc_stage_args
 from llmops.errors import LLMOpsError
-from llmops.files import atomic_dir, load_result, save_result, write_json, write_stage_metadata
+from llmops.files import atomic_dir, exclusive, load_result, save_result, write_json, write_stage_metadata
 from llmops.training import TrainingJob, TrainingOutcome
 from tasks.validate import DatasetRef
 
@@ -66,28 +66,31 @@ def finetune(params: FinetuneParams, base_model: str, data: DatasetRef, out: Pat
         LLMOpsError: the inputs cannot be trained on (no usable row, a batch size the ranks cannot split).
     """
     checkpoint_dir = checkpoint_folder(params, base_model, data, checkpoints)
-    with atomic_dir(out) as tmp:
-        job = TrainingJob(
-            params=params,
-            base_model=base_model,
-            train_file=data.train,
-            adapter_dir=tmp / "adapter",
-            checkpoint_dir=checkpoint_dir,
-            result_file=tmp / "training.json",
-            error_file=tmp / "training-error.txt",
-        )
-        outcome = run_training(job)
-        check_adapter(job.adapter_dir, params)
-        result = FinetuneResult(adapter_dir=out / "adapter", **outcome.model_dump())
-        write_stage_metadata(
-            tmp,
-            "finetune",
-            params,
-            base_model=base_model,
-            dataset=data.model_dump(mode="json"),
-            **result.model_dump(mode="json", exclude={"loss_history"}),
-        )
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is safe in `out`; nothing left to resume
+    # One training owns its checkpoint folder: a second run with the same inputs waits for it (then resumes
+    # from what it left, if it crashed) instead of both writing, and one deleting, the same checkpoints.
+    with exclusive(checkpoint_dir.with_name(f"{checkpoint_dir.name}.lock"), "waiting for a run training the same"):
+        with atomic_dir(out) as tmp:
+            job = TrainingJob(
+                params=params,
+                base_model=base_model,
+                train_file=data.train,
+                adapter_dir=tmp / "adapter",
+                checkpoint_dir=checkpoint_dir,
+                result_file=tmp / "training.json",
+                error_file=tmp / "training-error.txt",
+            )
+            outcome = run_training(job)
+            check_adapter(job.adapter_dir, params)
+            result = FinetuneResult(adapter_dir=out / "adapter", **outcome.model_dump())
+            write_stage_metadata(
+                tmp,
+                "finetune",
+                params,
+                base_model=base_model,
+                dataset=data.model_dump(mode="json"),
+                **result.model_dump(mode="json", exclude={"loss_history"}),
+            )
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is safe in `out`; nothing left to resume
     return result
 
 

@@ -1,6 +1,8 @@
 """The `llmops` command: exit codes, one-paragraph errors, JSON on the last line."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +144,102 @@ def test_platform_refuses_a_port_in_use_and_leaves_nothing_running(params_file, 
         assert main(["--params", str(params_file), "platform", "up", "--port", str(port)]) == 2
     assert f"Port {port}" in capsys.readouterr().err
     assert not (load_params(params_file).work_dir / "platform" / "platform.json").exists()
+
+
+@pytest.fixture
+def bare_params(tmp_path) -> Path:
+    """A params file that needs no model: the platform commands only read its work_dir."""
+    path = tmp_path / "params.yaml"
+    path.write_text(f"work_dir: {tmp_path / 'work'}\n")
+    return path
+
+
+def _state_file(bare_params: Path) -> Path:
+    from llmops.config import load_params
+
+    folder = load_params(bare_params).work_dir / "platform"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "platform.json"
+
+
+@pytest.fixture
+def stranger():
+    """An unrelated program (its own process group) whose pid a stale state file names."""
+    import subprocess
+
+    process = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    yield process
+    process.kill()
+    process.wait()
+
+
+@pytest.mark.parametrize("recorded", ["pid only", "another start time"])
+def test_platform_down_never_signals_a_process_that_reuses_a_recorded_pid(bare_params, stranger, capsys, recorded):
+    import time
+
+    from llmops.platform import Identity
+
+    me = Identity.of(stranger.pid)
+    identity = {} if recorded == "pid only" else {"started": me.started - 1, "command": me.command}
+    service = {"name": "prefect-server", "pid": stranger.pid, "log": "server.log", **identity}
+    state = _state_file(bare_params)
+    state.write_text(json.dumps({"supervisor": stranger.pid, "services": [service]}))
+
+    assert main(["--params", str(bare_params), "platform", "down"]) == 0
+    time.sleep(0.5)
+    assert stranger.poll() is None  # neither SIGTERM nor SIGKILL reached it
+    assert not state.exists()
+    assert "The platform is not running." in capsys.readouterr().out
+
+
+def test_platform_up_over_a_stale_state_file_cleans_it_up_and_leaves_the_stranger_alone(
+    bare_params, stranger, capsys, caplog
+):
+    import socket
+
+    state = _state_file(bare_params)
+    service = {"name": "mlflow-ui", "pid": stranger.pid, "log": "ui.log", "started": 1, "command": "mlflow ui"}
+    state.write_text(json.dumps({"supervisor": stranger.pid, "services": [service]}))
+    with socket.socket() as taken:  # so that `up` stops right after its checks, before starting anything
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert main(["--params", str(bare_params), "platform", "up", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"Port {port}" in err and "already running" not in err
+    assert stranger.poll() is None and not state.exists()
+    assert "did not stop cleanly" in caplog.text and "now another program" in caplog.text
+
+
+def test_platform_down_stops_the_recorded_services_that_are_still_ours(bare_params):
+    import dataclasses
+
+    from llmops import platform
+    from llmops.config import load_params
+
+    folder = platform.state_dir(load_params(bare_params))
+    folder.mkdir(parents=True, exist_ok=True)
+    ours = platform._start("mlflow-ui", ["sleep", "120"], dict(os.environ), folder)
+    platform._record(folder, [ours])
+    state = json.loads((folder / "platform.json").read_text())
+    assert state["services"][0] == dataclasses.asdict(ours) and ours.started > 0 and "sleep 120" in ours.command
+    state["supervisor"] = 2**22 + 7  # a supervisor that died without cleaning up: no one holds the lock
+    (folder / "platform.json").write_text(json.dumps(state))
+
+    assert main(["--params", str(bare_params), "platform", "down"]) == 0
+    assert platform._exited(ours.pid) and not ours.is_ours()
+
+
+def test_platform_up_refuses_while_a_supervisor_holds_the_lock(bare_params, capsys):
+    from llmops import platform
+    from llmops.config import load_params
+
+    folder = platform.state_dir(load_params(bare_params))
+    folder.mkdir(parents=True, exist_ok=True)
+    platform._record(folder, [])
+    held = platform._take_lock(folder)
+    try:
+        assert main(["--params", str(bare_params), "platform", "up", "--port", "1"]) == 2
+    finally:
+        held.close()
+    assert "already running" in capsys.readouterr().err
+    assert (folder / "platform.json").exists()  # a live platform's record is left as it is
