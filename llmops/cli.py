@@ -220,10 +220,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from llmops import tracking
+    from llmops import registry
 
     params = load_params(args.params)
-    lineage = tracking.describe_version(params.tracking, params.registry, args.version)
+    lineage = registry.describe_version(params.tracking, params.registry, args.version)
     if args.json:
         print(json.dumps({"ok": True, **lineage}, default=str))
         return 0
@@ -321,10 +321,10 @@ def cmd_platform(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from llmops import tracking
+    from llmops import registry
 
     params = load_params(args.params)
-    champion = tracking.describe_champion(params.tracking, params.registry)
+    champion = registry.describe_champion(params.tracking, params.registry)
     if args.json:
         print(json.dumps({"ok": True, "champion": champion}))
         return 0
