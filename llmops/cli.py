@@ -344,10 +344,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from llmops import tracking
+    from llmops import registry
 
     params = load_params(args.params)
-    old, new = tracking.rollback(params.tracking, params.registry, args.reason)
+    old, new = registry.rollback(params.tracking, params.registry, args.reason)
     if args.json:
         print(json.dumps({"ok": True, "from_version": old, "to_version": new}))
     else:

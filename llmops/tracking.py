@@ -12,17 +12,11 @@ at a time per registered model, whichever process or machine it runs on.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import logging
-import os
 import subprocess
-import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,13 +32,13 @@ from pydantic import BaseModel
 from llmops import console
 from llmops.config import Params, RegistryParams, TrackingParams
 from llmops.errors import LLMOpsError
-from llmops.files import exclusive, mask_secrets, masked
+from llmops.files import mask_secrets, masked
+from llmops.registry import CHAMPION, HISTORY_TAG, champion_stack, registry_lock
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger(console.PROGRESS)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
-HISTORY_TAG = "champion_history."
+CHALLENGER = "challenger"
 
 
 def client_for(tracking: TrackingParams) -> MlflowClient:
@@ -212,73 +206,6 @@ def _requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("torch", "transformers", "gptqmodel", "optimum", "llmops")]
 
 
-# Locks this process holds, by key, with their depth: the lock is re-entrant within a process (the flow holds
-# it around evaluate-gate-promote, and promote takes it again), exclusive between processes.
-_held: dict[str, int] = {}
-_held_guard = threading.Lock()
-
-
-@contextmanager
-def registry_lock(tracking: TrackingParams, registry: RegistryParams) -> Iterator[None]:
-    """One writer at a time for this registered model, with what the stores offer.
-
-    - A file lock (flock) beside an embedded SQLite store, which every process using that store can see; for
-      a remote tracking server, in the temp folder (this machine only: add a Prefect API for more).
-    - Also a Prefect global concurrency limit of 1 (`llmops-registry-<model>`, created on first use) when a
-      Prefect API is configured, which every worker of that API sees, on any machine.
-    """
-    key = f"{tracking.uri}|{registry.model_name}"
-    with _held_guard:
-        depth = _held.get(key, 0)
-        _held[key] = depth + 1
-    try:
-        if depth:
-            yield
-            return
-        with ExitStack() as stack:
-            if _prefect_api_configured():
-                stack.enter_context(_prefect_limit(f"llmops-registry-{registry.model_name}"))
-            stack.enter_context(exclusive(_lock_path(tracking, registry), "waiting for another run to promote"))
-            yield
-    finally:
-        with _held_guard:
-            _held[key] -= 1
-
-
-def _prefect_api_configured() -> bool:
-    if "prefect" not in sys.modules:  # the quick commands never import Prefect for this
-        return bool(os.environ.get("PREFECT_API_URL"))
-    from prefect.settings import get_current_settings
-
-    return bool(get_current_settings().api.url)
-
-
-@contextmanager
-def _prefect_limit(name: str) -> Iterator[None]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with suppress(ObjectAlreadyExists):  # another run may create it first
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    with concurrency(name, occupy=1, strict=True):
-        yield
-
-
-def _lock_path(tracking: TrackingParams, registry: RegistryParams) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in registry.model_name)
-    if tracking.uri.startswith("sqlite:///"):
-        store = Path(tracking.uri.removeprefix("sqlite:///").split("?")[0])
-        return store.with_name(f"{store.name}.locks") / f"{safe}.lock"
-    digest = hashlib.sha256(mask_secrets(tracking.uri).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / "llmops-locks" / f"{digest}-{safe}.lock"
-
-
 def set_alias(tracking: TrackingParams, registry: RegistryParams, alias: str, version: str, reason: str) -> None:
     """Point `alias` at `version`; a new champion is also appended to the champion history."""
     with registry_lock(tracking, registry):
@@ -306,17 +233,6 @@ def champion_history(client: MlflowClient, name: str) -> list[dict[str, str]]:
     return [json.loads(tags[key]) for key in sorted(tags) if key.startswith(HISTORY_TAG)]
 
 
-def _champion_stack(history: list[dict[str, str]]) -> list[str]:
-    """Replay the history: a promotion pushes a version, a rollback pops one. The top is the champion."""
-    stack: list[str] = []
-    for event in history:
-        if event["event"] == "promote":
-            stack.append(event["version"])
-        elif event["event"] == "rollback" and stack:
-            stack.pop()
-    return stack
-
-
 def champion_version(tracking: TrackingParams, registry: RegistryParams) -> ModelVersion | None:
     try:
         return client_for(tracking).get_model_version_by_alias(registry.model_name, CHAMPION)
@@ -342,7 +258,7 @@ def rollback(tracking: TrackingParams, registry: RegistryParams, reason: str) ->
     """Move `champion` back to the version it displaced; returns (from_version, to_version)."""
     client = client_for(tracking)
     with registry_lock(tracking, registry):
-        stack = _champion_stack(champion_history(client, registry.model_name))
+        stack = champion_stack(champion_history(client, registry.model_name))
         if len(stack) < 2:
             raise LLMOpsError(
                 f"Registered model {registry.model_name!r} has no previous champion to roll back to "
