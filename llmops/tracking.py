@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -42,6 +43,9 @@ CHALLENGER = "challenger"
 
 
 def client_for(tracking: TrackingParams) -> MlflowClient:
+    # MLflow prints "View run ... at: <tracking URI>" when a run on a tracking server ends: that URI may carry
+    # a password, and the output is kept in the run's log.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(tracking.uri)
     return MlflowClient(tracking.uri)
 
@@ -111,7 +115,8 @@ class TrackedRun:
             self.client.set_tag(self.run_id, "error", mask_secrets(str(exc))[:5000])
             progress.info("%-15s FAILED", self.current_stage)
         if self.run_dir is not None and (full_log := console.move_log(self.run_dir)) is not None:
-            self.client.log_artifact(self.run_id, str(full_log))  # as far as it goes: the run itself is over
+            # As far as it goes (the run itself is over), with any credential a library printed masked.
+            self.client.log_text(self.run_id, mask_secrets(full_log.read_text(errors="replace")), "run.log")
         self.client.set_terminated(self.run_id, "FAILED" if exc else "FINISHED")
 
     def stage(self, name: str, task: Callable, *args: Any, **kwargs: Any) -> Any:
