@@ -149,7 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     params = load_params(args.params, overrides)  # fail fast on bad params, before Prefect starts
     _prepare_prefect(params)
     with console.capture(params.work_dir, verbose=args.verbose) as terminal:
-        print(f"llmops run: full log in {console.log_file() or 'this terminal (-v)'}", file=terminal, flush=True)
+        where = "this terminal (-v)" if args.verbose else "the run's log file, named at the end"
+        print(f"llmops run: library output goes to {where}", file=terminal, flush=True)
         from flows.retrain import retrain
 
         summary = retrain(params_file=str(args.params), overrides=overrides, reason=args.reason)

@@ -130,6 +130,9 @@ def capture(work_dir: Path, verbose: bool) -> Iterator[TextIO]:
         yield terminal
     finally:
         root.removeHandler(handler)
+        for other in root.handlers:  # what libraries log while the process winds down stays out of sight
+            if isinstance(other, logging.StreamHandler) and other.stream in (sys.stdout, sys.stderr):
+                other.setLevel(max(other.level, logging.WARNING))
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)
