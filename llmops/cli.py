@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
 def _prepare_prefect(params: Params) -> None:
     """Defaults for the embedded setup; any PREFECT_* variable the user set wins."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary API server gets 20 s to start by default: too little on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(params.work_dir / "prefect-results"))
 
 
