@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from llmops import console
 from llmops.config import Params, RegistryParams, TrackingParams
 from llmops.errors import LLMOpsError
-from llmops.files import mask_secrets, masked
+from llmops.files import exclusive, mask_secrets, masked
 from llmops.registry import CHAMPION, HISTORY_TAG, champion_stack, registry_lock
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,24 @@ progress = logging.getLogger(console.PROGRESS)
 CHALLENGER = "challenger"
 
 
+_opened: set[str] = set()
+
+
 def client_for(tracking: TrackingParams) -> MlflowClient:
     # MLflow prints "View run ... at: <tracking URI>" when a run on a tracking server ends: that URI may carry
     # a password, and the output is kept in the run's log.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(tracking.uri)
-    return MlflowClient(tracking.uri)
+    if tracking.uri in _opened or not tracking.uri.startswith("sqlite:///"):
+        return MlflowClient(tracking.uri)
+    # Two processes creating the same new SQLite store at once both create its tables, and the second fails
+    # ("table ... already exists"): the first opening in each process is serialized.
+    db = Path(tracking.uri.removeprefix("sqlite:///").split("?")[0])
+    with exclusive(db.with_name(f"{db.name}.locks") / "open.lock", "waiting for another process to create the store"):
+        client = MlflowClient(tracking.uri)
+        client.search_registered_models(max_results=1)  # the registry's tables too
+    _opened.add(tracking.uri)
+    return client
 
 
 def git_commit(root: Path) -> str:
@@ -92,12 +104,7 @@ class TrackedRun:
     def __enter__(self) -> TrackedRun:
         self.client = client_for(self.params.tracking)
         name = self.experiment or self.params.tracking.experiment
-        experiment = self.client.get_experiment_by_name(name)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else self.client.create_experiment(name, artifact_location=self.params.tracking.artifact_location)
-        )
+        experiment_id = _experiment_id(self.client, name, self.params.tracking.artifact_location)
         run = self.client.create_run(experiment_id, run_name=self.run_name, tags=masked(self.tags))
         self.run_id = run.info.run_id
         if self.run_dir is not None:
@@ -158,6 +165,18 @@ class TrackedRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, mask_secrets(str(value)))
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str) -> str:
+    """The experiment's id, created if missing (by this run, or by another that got there first)."""
+    if experiment := client.get_experiment_by_name(name):
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # created by a run started at the same moment
+        if experiment := client.get_experiment_by_name(name):
+            return experiment.experiment_id
+        raise
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
