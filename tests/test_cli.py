@@ -418,16 +418,16 @@ def test_a_password_in_the_tracking_uri_is_never_stored_or_printed(tmp_path, ass
         run = llmops_run(params_file, *QUICK_RUN, "finetune.epochs=1", env=env)
         out, err = run.communicate(timeout=1800)
         assert run.returncode == 0, err[-3000:]
+        from mlflow import MlflowClient
+
+        result = json.loads(out.strip().splitlines()[-1])
+        logged = MlflowClient(uri).get_run(result["mlflow_run_id"]).data.params["tracking.uri"]
+        assert logged == f"http://llmops:***@127.0.0.1:{port}"  # the run went to the server, masked
     finally:
         os.killpg(server.pid, 15)
         server.wait()
 
-    result = json.loads(out.strip().splitlines()[-1])
     assert secret not in out + err
+    assert list(load_params(params_file).work_dir.glob("runs/*/run.log"))
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaks == []  # the server's store and artifacts, the run folder and its log, Prefect's database
-    from mlflow import MlflowClient
-
-    logged = MlflowClient(uri).get_run(result["mlflow_run_id"]).data.params["tracking.uri"]
-    assert logged == f"http://llmops:***@127.0.0.1:{port}"
-    assert load_params(params_file).work_dir.joinpath("runs").is_dir()
