@@ -68,7 +68,7 @@ mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf work mlflow.db mlartifacts
+	rm -rf work mlflow.db mlflow.db.locks mlartifacts
 
 repro: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/llmops bootstrap

@@ -342,7 +342,14 @@ def flow_figures() -> list[Figure]:
             "wall clock of a first `llmops run` (validate to promote) vs the same stage functions in a plain "
             "script, each in a fresh process on the demo",
         ),
-        Figure("cached_rerun", second, first, "s", "an unchanged `llmops run` again vs the first run"),
+        Figure(
+            "cached_rerun",
+            second,
+            first,
+            "s",
+            "an unchanged `llmops run` again vs the first run: finetune, merge and quantize come from the cache, and "
+            "the candidate, bit-identical to the champion, is neither evaluated nor registered",
+        ),
     ]
 
 

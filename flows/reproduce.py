@@ -1,12 +1,14 @@
 """Re-run the pipeline on exactly the data and params that made a registered version, and compare.
 
 The data comes back through DVC from the `.dvc` record the original run logged; the params are the
-original run's effective params. The rerun registers under `<model>-reproductions`, so reproducing an old
-version can never move the production champion.
+original run's effective params. The rerun registers under `<model>-reproductions`, passed as an explicit
+override that wins over LLMOPS_REGISTERED_MODEL, so reproducing an old version can never move the production
+champion, whatever the environment says.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -18,6 +20,7 @@ from llmops import tracking
 from llmops.config import DEFAULT_PARAMS, load_params
 from llmops.data import dvc_root, restore_files
 from llmops.errors import LLMOpsError
+from llmops.files import mask_secrets
 
 
 class MetricComparison(BaseModel):
@@ -51,14 +54,26 @@ def reproduce(version: str, params_file: str = str(DEFAULT_PARAMS)) -> Reproduct
     train, eval_ = restore_files(record, Path(lineage["dataset"]["dvc_file"]), splits)
     original = lineage["params"]
     original["data"] = {**original["data"], "train": str(train), "eval": str(eval_)}
-    original["registry"]["model_name"] = f"{params.registry.model_name}-reproductions"
+    # The logged params have credentials masked: the rerun writes to this project's store, as configured now.
+    # A secret that came from the environment stays there (it wins again when the rerun loads its params).
+    uri = params.tracking.uri
+    original["tracking"]["uri"] = mask_secrets(uri) if os.environ.get("LLMOPS_TRACKING_URI") == uri else uri
     rerun_params = params.work_dir / "reproductions" / f"v{version}.yaml"  # logged params are absolute paths
     rerun_params.parent.mkdir(parents=True, exist_ok=True)
     rerun_params.write_text(yaml.safe_dump(original))
 
-    summary = retrain(params_file=str(rerun_params), reason=f"reproduce v{version}")
+    name = f"{params.registry.model_name}-reproductions"
+    summary = retrain(
+        params_file=str(rerun_params), reason=f"reproduce v{version}", overrides={"registry.model_name": name}
+    )
+    if summary.promotion.model_name != name:  # the one guarantee this flow gives: never the production name
+        raise LLMOpsError(f"The reproduction registered under {summary.promotion.model_name!r}, not {name!r}.")
     before = tracking.candidate_metrics(params.tracking, lineage["mlflow_run_id"])
-    after = summary.candidate.model_dump()
+    if summary.candidate is None:  # bit-identical to the last reproduction: its scores are this model's
+        champion = tracking.champion_version(params.tracking, params.registry.model_copy(update={"model_name": name}))
+        after = tracking.candidate_metrics(params.tracking, champion.run_id)
+    else:
+        after = summary.candidate.model_dump()
     return Reproduction(
         version=version,
         dataset_version=lineage["dataset"]["version"],

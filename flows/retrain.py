@@ -4,6 +4,10 @@ Only wiring lives here: each stage is a typed function in `tasks/`, run as a Pre
 and quantize are cached on their inputs and code, so an unchanged rerun skips them. Everything is recorded
 in one MLflow run; if any stage raises, the run is marked failed and promote never runs, so the champion
 stays where it was.
+
+From fetching the champion to promoting, the run holds the registered model's lock: the gate judges the
+champion as it is when the candidate is registered, never one another run replaced meanwhile (a second run
+waits, then evaluates against the new champion). A candidate bit-identical to the champion stops there.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from tasks.finetune import finetune, training_crashed
 from tasks.gate import GateDecision, decide
 from tasks.ingest import ingest_dataset
 from tasks.merge import merge_adapter
-from tasks.promote import Lineage, Promotion, promote
+from tasks.promote import Lineage, Promotion, fetch_champion, promote
 from tasks.quantize import quantize_model
 from tasks.validate import validate_dataset
 
@@ -35,7 +39,7 @@ validate_task = stage(validate_dataset)
 finetune_task = cached_stage(finetune, retries=1, retry_condition_fn=training_crashed)
 merge_task = cached_stage(merge_adapter)
 quantize_task = cached_stage(quantize_model)
-fetch_champion_task = stage(tracking.download_champion)
+fetch_champion_task = stage(fetch_champion)
 evaluate_task = stage(evaluate_models)
 gate_task = stage(decide)
 promote_task = stage(promote)
@@ -45,9 +49,9 @@ class RetrainSummary(BaseModel):
     mlflow_run_id: str
     dataset: DatasetRef
     stages: list[tracking.StageTiming]
-    candidate: ModelScores
+    candidate: ModelScores | None  # None when the candidate was the champion itself (promotion.unchanged)
     champion: ModelScores | None
-    decision: GateDecision
+    decision: GateDecision | None
     promotion: Promotion
 
 
@@ -81,7 +85,7 @@ def retrain(
     root = Path(params_file).resolve().parent
     tags = {"prefect_flow_run_id": flow_run_id, "reason": reason, "git_commit": tracking.git_commit(root)}
 
-    with tracking.TrackedRun(params, run_name=runtime.flow_run.name, tags=tags) as run:
+    with tracking.TrackedRun(params, run_name=runtime.flow_run.name, tags=tags, run_dir=run_dir) as run:
         if incoming:  # new rows are validated on their own and combined before anything else reads the data
             run.stage(
                 "ingest",
@@ -151,39 +155,55 @@ def retrain(
             device=params.model.device,
             dtype=params.model.dtype,
         )
-        champion_dir = run.stage(
-            "fetch_champion",
-            fetch_champion_task,
-            params.tracking,
-            params.registry,
-            params.work_dir / "champions",
-        )
-        report = run.stage(
-            "evaluate",
-            evaluate_task,
-            params.evaluate,
-            deployable.model_dir,
-            params.model.base,
-            champion_dir,
-            data,
-            out=run_dir / "evaluate",
-            device=params.model.device,
-            dtype=params.model.dtype,
-        )
-        decision = run.stage("gate", gate_task, params.gate, report, deployable)
-        run.log_text(decision.to_markdown(), "gate_report.md")
-        create_markdown_artifact(decision.to_markdown(), key="gate-report", description="Promotion gate")
-        lineage = Lineage(
-            dataset_hash=data.digest,
-            git_commit=tags["git_commit"],
-            params_hash=params.digest(),
-            prefect_flow_run_id=flow_run_id,
-            mlflow_run_id=run.run_id,
-            reason=reason,
-        )
-        promotion = run.stage(
-            "promote", promote_task, params.registry, params.tracking, decision, deployable.model_dir, lineage
-        )
+        with tracking.registry_lock(params.tracking, params.registry):  # one promotion at a time per model
+            champion = run.stage(
+                "fetch_champion",
+                fetch_champion_task,
+                params.tracking,
+                params.registry,
+                params.work_dir / "champions",
+                deployable.model_dir,
+            )
+            if champion is not None and champion.identical:  # nothing new to judge or to register
+                run.set_tags({"unchanged_from_version": champion.version})
+                same = Promotion(
+                    model_name=params.registry.model_name, version=champion.version, alias="champion", unchanged=True
+                )
+                return RetrainSummary(
+                    mlflow_run_id=run.run_id,
+                    dataset=data,
+                    stages=run.timings,
+                    candidate=None,
+                    champion=None,
+                    decision=None,
+                    promotion=same,
+                )
+            report = run.stage(
+                "evaluate",
+                evaluate_task,
+                params.evaluate,
+                deployable.model_dir,
+                params.model.base,
+                champion and champion.model_dir,
+                data,
+                out=run_dir / "evaluate",
+                device=params.model.device,
+                dtype=params.model.dtype,
+            )
+            decision = run.stage("gate", gate_task, params.gate, report, deployable)
+            run.log_text(decision.to_markdown(), "gate_report.md")
+            create_markdown_artifact(decision.to_markdown(), key="gate-report", description="Promotion gate")
+            lineage = Lineage(
+                dataset_hash=data.digest,
+                git_commit=tags["git_commit"],
+                params_hash=params.digest(),
+                prefect_flow_run_id=flow_run_id,
+                mlflow_run_id=run.run_id,
+                reason=reason,
+            )
+            promotion = run.stage(
+                "promote", promote_task, params.registry, params.tracking, decision, deployable.model_dir, lineage
+            )
 
     return RetrainSummary(
         mlflow_run_id=run.run_id,

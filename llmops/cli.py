@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmops import console
 from llmops.config import DEFAULT_PARAMS, Params, load_params, parse_overrides
 from llmops.data import dvc_root, track
 from llmops.errors import LLMOpsError
+from llmops.files import mask_secrets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), exc.exit_code, args)
     except KeyboardInterrupt:
         return _fail("Interrupted. The champion was not changed.", 130, args)
-    except Exception as exc:  # a crash: say so plainly; the log above has the detail
+    except Exception as exc:  # a crash: say so plainly; the log has the detail
         if os.environ.get("LLMOPS_DEBUG"):
             raise
         aftermath = (
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.name in ("run", "reproduce")
             else ""
         )
-        message = f"`llmops {args.name}` failed: {type(exc).__name__}: {exc}.{aftermath}"
+        where = f" The full log is {console.log_file()}." if console.log_file() else ""
+        message = f"`llmops {args.name}` failed: {type(exc).__name__}: {mask_secrets(str(exc))}.{aftermath}{where}"
         return _fail(message + " Set LLMOPS_DEBUG=1 to see the traceback.", 1, args)
 
 
@@ -84,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         help="override a params.yaml value for this run, e.g. finetune.learning_rate=1e-3",
     )
     run.add_argument("--reason", default="manual", help="why this run happens (recorded as lineage)")
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every library's output on the terminal (otherwise it goes to the run's log file only)",
+    )
     validate = command("validate", cmd_validate, "clean and check a JSONL dataset file; exit 1 if it is invalid")
     validate.add_argument("--data", type=Path, required=True, help="the JSONL file to check (any accepted shape)")
     validate.add_argument("--against", type=Path, help="an eval split to check the file's prompts for leakage into")
@@ -113,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
 def _prepare_prefect(params: Params) -> None:
     """Defaults for the embedded setup; any PREFECT_* variable the user set wins."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary API server gets 20 s to start by default: too little on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(params.work_dir / "prefect-results"))
 
 
@@ -144,9 +155,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     params = load_params(args.params, overrides)  # fail fast on bad params, before Prefect starts
     _prepare_prefect(params)
-    from flows.retrain import retrain
+    with console.capture(params.work_dir, verbose=args.verbose) as terminal:
+        where = "this terminal (-v)" if args.verbose else "the run's log file, named at the end"
+        print(f"llmops run: library output goes to {where}", file=terminal, flush=True)
+        from flows.retrain import retrain
 
-    summary = retrain(params_file=str(args.params), overrides=overrides, reason=args.reason)
+        summary = retrain(params_file=str(args.params), overrides=overrides, reason=args.reason)
     if args.json:
         print(json.dumps({"ok": True, **summary.model_dump(mode="json")}))
         return 0
@@ -158,23 +172,25 @@ def _print_summary(summary: Any, params: Params) -> None:
     data = summary.dataset
     dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(data.dropped.items())) or "none"
     print(f"\nData: {data.train_rows} training and {data.eval_rows} eval conversations; dropped: {dropped}")
-    print("\nStages")
-    for timing in summary.stages:
-        print(f"  {timing.name:<15} {timing.seconds:7.1f}s{'  (cached)' if timing.cached else ''}")
-    print("\nGate")
-    print(f"  {'check':<26} {'candidate':>10} {'reference':>10}  {'threshold':<22} result")
-    for c in summary.decision.checks:
-        reference = "" if c.reference is None else f"{c.reference:.4f}"
-        print(
-            f"  {c.name:<26} {c.candidate:>10.4f} {reference:>10}  {c.threshold:<22} {'pass' if c.passed else 'FAIL'}"
-        )
     p = summary.promotion
-    verdict = "promoted" if p.alias == "champion" else "not promoted: " + "; ".join(summary.decision.reasons)
-    print(f"\nRegistry: {p.model_name} version {p.version} -> alias '{p.alias}' ({verdict})")
-    print(f"MLflow run: {summary.mlflow_run_id}")
+    if p.unchanged:
+        print(
+            f"\nUnchanged: the candidate is bit-identical to champion {p.model_name} version {p.version} "
+            "(same model files): nothing evaluated, nothing registered."
+        )
+    else:
+        print("\nGate")
+        print(f"  {'check':<26} {'candidate':>10} {'reference':>10}  {'threshold':<22} result")
+        for c in summary.decision.checks:
+            reference = "" if c.reference is None else f"{c.reference:.4f}"
+            verdict = "pass" if c.passed else "FAIL"
+            print(f"  {c.name:<26} {c.candidate:>10.4f} {reference:>10}  {c.threshold:<22} {verdict}")
+        verdict = "promoted" if p.alias == "champion" else "not promoted: " + "; ".join(summary.decision.reasons)
+        print(f"\nRegistry: {p.model_name} version {p.version} -> alias '{p.alias}' ({verdict})")
+    print(f"MLflow run: {summary.mlflow_run_id}" + (f"   full log: {console.log_file()}" if console.log_file() else ""))
     print(
         f"Open the MLflow UI on this run: make mlflow-ui   (or: mlflow ui --backend-store-uri "
-        f"{params.tracking.uri}), then http://127.0.0.1:5000"
+        f"{mask_secrets(params.tracking.uri)}), then http://127.0.0.1:5000"
     )
 
 
@@ -232,10 +248,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from llmops import tracking
+    from llmops import registry
 
     params = load_params(args.params)
-    lineage = tracking.describe_version(params.tracking, params.registry, args.version)
+    lineage = registry.describe_version(params.tracking, params.registry, args.version)
     if args.json:
         print(json.dumps({"ok": True, **lineage}, default=str))
         return 0
@@ -333,10 +349,10 @@ def cmd_platform(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from llmops import tracking
+    from llmops import registry
 
     params = load_params(args.params)
-    champion = tracking.describe_champion(params.tracking, params.registry)
+    champion = registry.describe_champion(params.tracking, params.registry)
     if args.json:
         print(json.dumps({"ok": True, "champion": champion}))
         return 0
@@ -356,10 +372,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from llmops import tracking
+    from llmops import registry
 
     params = load_params(args.params)
-    old, new = tracking.rollback(params.tracking, params.registry, args.reason)
+    old, new = registry.rollback(params.tracking, params.registry, args.reason)
     if args.json:
         print(json.dumps({"ok": True, "from_version": old, "to_version": new}))
     else:

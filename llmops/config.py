@@ -457,7 +457,7 @@ def load_params(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = 
             f"Invalid parameters in {path} (with overrides {overrides or {}}): {problems}. "
             "Fix the value in params.yaml or in --set."
         ) from None
-    return _resolve(params, path.resolve().parent)
+    return _resolve(params, path.resolve().parent, set(overrides or {}))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -489,9 +489,10 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _resolve(params: Params, root: Path) -> Params:
+def _resolve(params: Params, root: Path, overridden: set[str] = frozenset()) -> Params:
     """Anchor relative paths at the folder holding params.yaml (so any cwd works) and apply the
-    deployment environment: LLMOPS_TRACKING_URI, LLMOPS_ARTIFACT_LOCATION, LLMOPS_REGISTERED_MODEL.
+    deployment environment: LLMOPS_TRACKING_URI, LLMOPS_ARTIFACT_LOCATION, LLMOPS_REGISTERED_MODEL. An explicit
+    override of the same key (`--set registry.model_name=...`, a reproduction's own name) wins over them.
 
     Not MLFLOW_TRACKING_URI: MLflow itself exports that variable whenever a process sets a tracking URI,
     so in a long-lived worker it would carry one run's store into the next."""
@@ -502,10 +503,16 @@ def _resolve(params: Params, root: Path) -> Params:
     base = params.model.base
     if (root / base).exists() or base.startswith((".", "/")) or base == ModelParams().base:
         base = str(anchored(Path(base)))
-    uri = os.environ.get("LLMOPS_TRACKING_URI", params.tracking.uri)
+
+    def from_env(variable: str, key: str, value: str) -> str:
+        return value if key in overridden else os.environ.get(variable, value)
+
+    uri = from_env("LLMOPS_TRACKING_URI", "tracking.uri", params.tracking.uri)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{anchored(Path(uri.removeprefix('sqlite:///')))}"
-    artifact_location = os.environ.get("LLMOPS_ARTIFACT_LOCATION", params.tracking.artifact_location)
+    artifact_location = from_env(
+        "LLMOPS_ARTIFACT_LOCATION", "tracking.artifact_location", params.tracking.artifact_location
+    )
     if "://" not in artifact_location:
         artifact_location = anchored(Path(artifact_location)).as_uri()
     return params.model_copy(
@@ -522,7 +529,7 @@ def _resolve(params: Params, root: Path) -> Params:
             "monitor": params.monitor.model_copy(update={"incoming": anchored(params.monitor.incoming)}),
             "tracking": params.tracking.model_copy(update={"uri": uri, "artifact_location": artifact_location}),
             "registry": RegistryParams(
-                model_name=os.environ.get("LLMOPS_REGISTERED_MODEL", params.registry.model_name)
+                model_name=from_env("LLMOPS_REGISTERED_MODEL", "registry.model_name", params.registry.model_name)
             ),
             "work_dir": anchored(params.work_dir),
         }

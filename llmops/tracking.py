@@ -4,6 +4,9 @@ With the promote stage, this is the only code that touches the registry. Aliases
 in production, `challenger` the latest candidate the gate rejected. Every change of champion is appended to
 the registered model's tags as a `champion_history.NNNN` event, so who is champion, since when and why can
 always be read back, and a rollback replays that history instead of guessing.
+
+Every write to a registered model's versions, aliases and history happens under `registry_lock`, one writer
+at a time per registered model, whichever process or machine it runs on.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -26,18 +30,36 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
+from llmops import console
 from llmops.config import Params, RegistryParams, TrackingParams
 from llmops.errors import LLMOpsError
+from llmops.files import exclusive, mask_secrets, masked
+from llmops.registry import CHAMPION, HISTORY_TAG, champion_stack, registry_lock
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger(console.PROGRESS)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
-HISTORY_TAG = "champion_history."
+CHALLENGER = "challenger"
+
+
+_opened: set[str] = set()
 
 
 def client_for(tracking: TrackingParams) -> MlflowClient:
+    # MLflow prints "View run ... at: <tracking URI>" when a run on a tracking server ends: that URI may carry
+    # a password, and the output is kept in the run's log.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(tracking.uri)
-    return MlflowClient(tracking.uri)
+    if tracking.uri in _opened or not tracking.uri.startswith("sqlite:///"):
+        return MlflowClient(tracking.uri)
+    # Two processes creating the same new SQLite store at once both create its tables, and the second fails
+    # ("table ... already exists"): the first opening in each process is serialized.
+    db = Path(tracking.uri.removeprefix("sqlite:///").split("?")[0])
+    with exclusive(db.with_name(f"{db.name}.locks") / "open.lock", "waiting for another process to create the store"):
+        client = MlflowClient(tracking.uri)
+        client.search_registered_models(max_results=1)  # the registry's tables too
+    _opened.add(tracking.uri)
+    return client
 
 
 def git_commit(root: Path) -> str:
@@ -73,6 +95,7 @@ class TrackedRun:
     run_name: str
     tags: dict[str, str]
     experiment: str = ""  # default: the params' tracking.experiment
+    run_dir: Path | None = None  # the run's folder: its full log (`run.log`) is kept there and in MLflow
     run_id: str = ""
     timings: list[StageTiming] = field(default_factory=list)
     current_stage: str = "setup"
@@ -81,23 +104,26 @@ class TrackedRun:
     def __enter__(self) -> TrackedRun:
         self.client = client_for(self.params.tracking)
         name = self.experiment or self.params.tracking.experiment
-        experiment = self.client.get_experiment_by_name(name)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else self.client.create_experiment(name, artifact_location=self.params.tracking.artifact_location)
-        )
-        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
+        experiment_id = _experiment_id(self.client, name, self.params.tracking.artifact_location)
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=masked(self.tags))
         self.run_id = run.info.run_id
-        flat = _flatten(self.params.model_dump(mode="json", by_alias=True))
+        if self.run_dir is not None:
+            console.move_log(self.run_dir)
+        # Credentials in URIs (a tracking server's password, say) are masked: the store keeps no secret.
+        effective = masked(self.params.model_dump(mode="json", by_alias=True))
+        flat = _flatten(effective)
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
-        self.client.log_dict(self.run_id, self.params.model_dump(mode="json", by_alias=True), "params.json")
+        self.client.log_dict(self.run_id, effective, "params.json")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:
             self.client.set_tag(self.run_id, "failed_stage", self.current_stage)
-            self.client.set_tag(self.run_id, "error", str(exc)[:5000])
+            self.client.set_tag(self.run_id, "error", mask_secrets(str(exc))[:5000])
+            progress.info("%-15s FAILED", self.current_stage)
+        if self.run_dir is not None and (full_log := console.move_log(self.run_dir)) is not None:
+            # As far as it goes (the run itself is over), with any credential a library printed masked.
+            self.client.log_text(self.run_id, mask_secrets(full_log.read_text(errors="replace")), "run.log")
         self.client.set_terminated(self.run_id, "FAILED" if exc else "FINISHED")
 
     def stage(self, name: str, task: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -108,6 +134,7 @@ class TrackedRun:
         result = state.result()  # re-raises the stage's exception
         timing = StageTiming(name, time.perf_counter() - start, cached=state.name == "Cached")
         self.timings.append(timing)
+        progress.info("%-15s %7.1fs%s", name, timing.seconds, "  (cached)" if timing.cached else "")
         metrics = {f"stage_seconds.{name}": timing.seconds}
         if isinstance(result, BaseModel):
             dump = result.model_dump(mode="json")
@@ -137,7 +164,19 @@ class TrackedRun:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            self.client.set_tag(self.run_id, key, mask_secrets(str(value)))
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str) -> str:
+    """The experiment's id, created if missing (by this run, or by another that got there first)."""
+    if experiment := client.get_experiment_by_name(name):
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # created by a run started at the same moment
+        if experiment := client.get_experiment_by_name(name):
+            return experiment.experiment_id
+        raise
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -191,17 +230,20 @@ def _requirements() -> list[str]:
 
 def set_alias(tracking: TrackingParams, registry: RegistryParams, alias: str, version: str, reason: str) -> None:
     """Point `alias` at `version`; a new champion is also appended to the champion history."""
-    client = client_for(tracking)
-    client.set_registered_model_alias(registry.model_name, alias, version)
-    client.set_model_version_tag(registry.model_name, version, f"{alias}_reason", reason)
-    if alias == CHAMPION:
-        _append_history(client, registry.model_name, {"event": "promote", "version": version, "reason": reason})
+    with registry_lock(tracking, registry):
+        client = client_for(tracking)
+        client.set_registered_model_alias(registry.model_name, alias, version)
+        client.set_model_version_tag(registry.model_name, version, f"{alias}_reason", reason)
+        if alias == CHAMPION:
+            _append_history(client, registry.model_name, {"event": "promote", "version": version, "reason": reason})
 
 
 def _append_history(client: MlflowClient, name: str, event: dict[str, str]) -> None:
-    number = len(champion_history(client, name)) + 1
+    """Add the next `champion_history.NNNN` tag; callers hold `registry_lock`, so no two appends share a number."""
+    tags = client.get_registered_model(name).tags
+    numbers = [int(key.removeprefix(HISTORY_TAG)) for key in tags if key.startswith(HISTORY_TAG)]
     event = {**event, "at": datetime.now(UTC).isoformat(timespec="seconds"), "by": getpass.getuser()}
-    client.set_registered_model_tag(name, f"{HISTORY_TAG}{number:04d}", json.dumps(event))
+    client.set_registered_model_tag(name, f"{HISTORY_TAG}{max(numbers, default=0) + 1:04d}", json.dumps(event))
 
 
 def champion_history(client: MlflowClient, name: str) -> list[dict[str, str]]:
@@ -211,17 +253,6 @@ def champion_history(client: MlflowClient, name: str) -> list[dict[str, str]]:
     except MlflowException:
         return []
     return [json.loads(tags[key]) for key in sorted(tags) if key.startswith(HISTORY_TAG)]
-
-
-def _champion_stack(history: list[dict[str, str]]) -> list[str]:
-    """Replay the history: a promotion pushes a version, a rollback pops one. The top is the champion."""
-    stack: list[str] = []
-    for event in history:
-        if event["event"] == "promote":
-            stack.append(event["version"])
-        elif event["event"] == "rollback" and stack:
-            stack.pop()
-    return stack
 
 
 def champion_version(tracking: TrackingParams, registry: RegistryParams) -> ModelVersion | None:
@@ -248,20 +279,21 @@ def download_champion(tracking: TrackingParams, registry: RegistryParams, dest_r
 def rollback(tracking: TrackingParams, registry: RegistryParams, reason: str) -> tuple[str, str]:
     """Move `champion` back to the version it displaced; returns (from_version, to_version)."""
     client = client_for(tracking)
-    stack = _champion_stack(champion_history(client, registry.model_name))
-    if len(stack) < 2:
-        raise LLMOpsError(
-            f"Registered model {registry.model_name!r} has no previous champion to roll back to "
-            f"(champion history holds {len(stack)} promotion(s)). Nothing was changed."
+    with registry_lock(tracking, registry):
+        stack = champion_stack(champion_history(client, registry.model_name))
+        if len(stack) < 2:
+            raise LLMOpsError(
+                f"Registered model {registry.model_name!r} has no previous champion to roll back to "
+                f"(champion history holds {len(stack)} promotion(s)). Nothing was changed."
+            )
+        current, previous = stack[-1], stack[-2]
+        client.set_registered_model_alias(registry.model_name, CHAMPION, previous)
+        client.set_model_version_tag(registry.model_name, previous, f"{CHAMPION}_reason", reason)
+        _append_history(
+            client,
+            registry.model_name,
+            {"event": "rollback", "version": previous, "from": current, "reason": reason},
         )
-    current, previous = stack[-1], stack[-2]
-    client.set_registered_model_alias(registry.model_name, CHAMPION, previous)
-    client.set_model_version_tag(registry.model_name, previous, f"{CHAMPION}_reason", reason)
-    _append_history(
-        client,
-        registry.model_name,
-        {"event": "rollback", "version": previous, "from": current, "reason": reason},
-    )
     return current, previous
 
 

@@ -204,13 +204,18 @@ class _Batcher:
 
 
 class _LogProgress(TrainerCallback):
-    """One log line about every 5% of training: the parent streams it to the flow's logs."""
+    """One log line about every 5% of training: the parent streams it to the flow's logs (and `llmops run`
+    draws its progress bar from it: steps, loss, and rank 0's tokens so far for the rate)."""
+
+    def __init__(self, batcher: _Batcher) -> None:
+        self.batcher = batcher
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
         every = max(1, state.max_steps // 20)
         on_schedule = state.global_step % every == 0 or state.global_step == state.max_steps
         if state.is_world_process_zero and logs and "loss" in logs and on_schedule:
-            log.info("step %d/%d  loss %.4f", state.global_step, state.max_steps, logs["loss"])
+            step, steps, loss, tokens = state.global_step, state.max_steps, logs["loss"], self.batcher.tokens
+            log.info("step %d/%d  loss %.4f  tokens %d", step, steps, loss, tokens)
 
 
 def newest_complete_checkpoint(folder: Path) -> Path | None:
@@ -335,7 +340,7 @@ def train(job: TrainingJob) -> TrainingOutcome:
     batcher = _Batcher(tokenizer.pad_token_id, params.packing)
     trainer = Trainer(model=model, args=args, train_dataset=sequences, data_collator=batcher)
     trainer.remove_callback(PrinterCallback)  # it prints every step's dict; _LogProgress says enough
-    trainer.add_callback(_LogProgress)
+    trainer.add_callback(_LogProgress(batcher))
     resume_from = newest_complete_checkpoint(job.checkpoint_dir)
     if resume_from:
         log.info("resuming from %s", resume_from)

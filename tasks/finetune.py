@@ -29,7 +29,7 @@ from llmops.config import DistributedParams, FinetuneParams, ModelParams, dvc_st
 from llmops.data import DatasetRef
 from llmops.devices import DeviceChoice, DtypeChoice, resolve_placement
 from llmops.errors import LLMOpsError
-from llmops.files import atomic_dir, load_result, save_result, write_json, write_stage_metadata
+from llmops.files import atomic_dir, exclusive, load_result, save_result, write_json, write_stage_metadata
 from llmops.training import (
     TargetModules,
     TrainingErrorReport,
@@ -109,35 +109,38 @@ def finetune(
         )
     pinned = base_model + (f"@{model.revision}" if model.revision else "")
     checkpoint_dir = checkpoint_folder(params, pinned, data, checkpoints)
-    with atomic_dir(out) as tmp:
-        job = TrainingJob(
-            params=params,
-            base_model=base_model,
-            revision=model.revision,
-            trust_remote_code=model.trust_remote_code,
-            train_file=data.train,
-            adapter_dir=tmp / "adapter",
-            checkpoint_dir=checkpoint_dir,
-            result_file=tmp / "training.json",
-            error_file=tmp / "training-error.json",
-            traceback_file=checkpoint_dir / "training-traceback.txt",
-            chat_template=data.chat_template,
-            device=device,
-            dtype=dtype,
-        )
-        outcome = run_training(job)
-        check_adapter(job.adapter_dir, params)
-        result = FinetuneResult(adapter_dir=out / "adapter", target_modules=targets, **outcome.model_dump())
-        write_stage_metadata(
-            tmp,
-            "finetune",
-            params,
-            base_model=base_model,
-            revision=model.revision,
-            dataset=data.model_dump(mode="json"),
-            **result.model_dump(mode="json", exclude={"loss_history"}),
-        )
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is safe in `out`; nothing left to resume
+    # One training owns its checkpoint folder: a second run with the same inputs waits for it (then resumes
+    # from what it left, if it crashed) instead of both writing, and one deleting, the same checkpoints.
+    with exclusive(checkpoint_dir.with_name(f"{checkpoint_dir.name}.lock"), "waiting for a run training the same"):
+        with atomic_dir(out) as tmp:
+            job = TrainingJob(
+                params=params,
+                base_model=base_model,
+                revision=model.revision,
+                trust_remote_code=model.trust_remote_code,
+                train_file=data.train,
+                adapter_dir=tmp / "adapter",
+                checkpoint_dir=checkpoint_dir,
+                result_file=tmp / "training.json",
+                error_file=tmp / "training-error.json",
+                traceback_file=checkpoint_dir / "training-traceback.txt",
+                chat_template=data.chat_template,
+                device=device,
+                dtype=dtype,
+            )
+            outcome = run_training(job)
+            check_adapter(job.adapter_dir, params)
+            result = FinetuneResult(adapter_dir=out / "adapter", target_modules=targets, **outcome.model_dump())
+            write_stage_metadata(
+                tmp,
+                "finetune",
+                params,
+                base_model=base_model,
+                revision=model.revision,
+                dataset=data.model_dump(mode="json"),
+                **result.model_dump(mode="json", exclude={"loss_history"}),
+            )
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the adapter is safe in `out`; nothing left to resume
     return result
 
 

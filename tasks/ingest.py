@@ -3,7 +3,8 @@
 Order matters for safety: the new file and the combined candidate are validated before anything is
 touched; the candidate is written beside the dataset and swapped in with an atomic rename; only then is
 it `dvc add`-ed and pushed. Bad data never replaces the dataset, and a crash at any point leaves the
-previous version intact (on disk, or in the DVC cache it was pushed to).
+previous version intact (on disk, or in the DVC cache it was pushed to). All of it runs under the DVC lock,
+so two ingests at once never lose each other's rows: each reads the set the other left.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 
 from llmops.chat import load_chat_template
 from llmops.config import ValidateParams
-from llmops.data import batch_files, dvc_root, parse_jsonl, track, tracked_version, write_jsonl
+from llmops.data import batch_files, dvc_lock, dvc_root, parse_jsonl, track, tracked_version, write_jsonl
 from llmops.errors import LLMOpsError
 from tasks.validate import DataReport, ExcessLength, InvalidData, check_split
 
@@ -56,11 +57,28 @@ def ingest_dataset(
         InvalidData: the new rows, or the training set they would make, fail validation (nothing changed).
         LLMOpsError: the dataset is not inside a DVC repository, or a DVC command failed (dataset restored).
     """
-    if dvc_root(train) is None:
+    root = dvc_root(train)
+    if root is None:
         raise LLMOpsError(
             f"{train} is not inside a DVC repository, so an ingest could not be versioned. "
             "Run `dvc init` in the project (it is already one on a fresh clone of this repo)."
         )
+    with dvc_lock(root):  # the same lock as `dvc add`: read, swap and version as one step
+        return _ingest(params, base_model, max_seq_len, new, train, eval, mode, archive, excess_length, chat_template)
+
+
+def _ingest(
+    params: ValidateParams,
+    base_model: str,
+    max_seq_len: int,
+    new: Path,
+    train: Path,
+    eval: Path,
+    mode: Literal["append", "replace"],
+    archive: bool,
+    excess_length: ExcessLength,
+    chat_template: Path | None,
+) -> IngestResult:
     files = batch_files(new)
     if not files:
         raise LLMOpsError(f"{new} holds no *.jsonl files: there is nothing to ingest.")

@@ -1,7 +1,8 @@
 """Register the deployable model as a new version; alias it `champion` if the gate passed, else `challenger`.
 
 The only stage that writes aliases. Lineage is attached to the version as `lineage.*` tags, so any
-champion can be traced to its data, code, parameters and runs.
+champion can be traced to its data, code, parameters and runs. Each version also carries the digest of its
+model files, so a candidate bit-identical to the champion is recognised and registers nothing new.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from pydantic import BaseModel
 
 from llmops import tracking
 from llmops.config import RegistryParams, TrackingParams
+from llmops.files import folder_digest
 from tasks.gate import GateDecision
+
+DIGEST_TAG = "model.digest"
 
 
 class Lineage(BaseModel, frozen=True):
@@ -31,6 +35,28 @@ class Promotion(BaseModel, frozen=True):
     model_name: str
     version: str
     alias: str
+    unchanged: bool = False  # the candidate was bit-identical to this champion: nothing was registered
+
+
+class Champion(BaseModel, frozen=True):
+    """The current champion, as the gate will judge against it."""
+
+    model_dir: Path
+    version: str
+    run_id: str
+    identical: bool  # the candidate's model files are bit-identical to the champion's
+
+
+def fetch_champion(
+    tracking_params: TrackingParams, registry: RegistryParams, dest_root: Path, candidate_dir: Path
+) -> Champion | None:
+    """The champion's model folder (downloaded once per version), and whether the candidate is the same model."""
+    current = tracking.champion_version(tracking_params, registry)
+    if current is None:
+        return None
+    model_dir = tracking.download_champion(tracking_params, registry, dest_root)
+    identical = current.tags.get(DIGEST_TAG) == folder_digest(candidate_dir)
+    return Champion(model_dir=model_dir, version=str(current.version), run_id=current.run_id, identical=identical)
 
 
 def promote(
@@ -40,20 +66,23 @@ def promote(
     model_dir: Path,
     lineage: Lineage,
 ) -> Promotion:
-    registered = tracking.register_model(
-        tracking_params,
-        registry,
-        lineage.mlflow_run_id,
-        model_dir,
-        tags={
-            **lineage.as_tags(),
-            "gate.passed": str(decision.passed),
-            "gate.reasons": "; ".join(decision.reasons),
-        },
-    )
-    version = str(registered.version)
-    alias = tracking.CHAMPION if decision.passed else tracking.CHALLENGER
-    reason = f"gate passed in run {lineage.mlflow_run_id}" if decision.passed else "; ".join(decision.reasons)
-    promotion = Promotion(model_name=registry.model_name, version=version, alias=alias)
-    tracking.set_alias(tracking_params, registry, alias, version, reason)  # last: nothing can fail after it
+    """Register and alias, under the registry lock (the flow already holds it from evaluation on)."""
+    with tracking.registry_lock(tracking_params, registry):
+        registered = tracking.register_model(
+            tracking_params,
+            registry,
+            lineage.mlflow_run_id,
+            model_dir,
+            tags={
+                **lineage.as_tags(),
+                DIGEST_TAG: folder_digest(model_dir),
+                "gate.passed": str(decision.passed),
+                "gate.reasons": "; ".join(decision.reasons),
+            },
+        )
+        version = str(registered.version)
+        alias = tracking.CHAMPION if decision.passed else tracking.CHALLENGER
+        reason = f"gate passed in run {lineage.mlflow_run_id}" if decision.passed else "; ".join(decision.reasons)
+        promotion = Promotion(model_name=registry.model_name, version=version, alias=alias)
+        tracking.set_alias(tracking_params, registry, alias, version, reason)  # last: nothing can fail after it
     return promotion

@@ -1,6 +1,9 @@
 """The `llmops` command: exit codes, one-paragraph errors, JSON on the last line."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,3 +196,288 @@ def test_run_on_a_messy_multi_turn_export_trains_gates_and_reports_what_was_drop
     assert run.data.metrics["data.export.dropped.duplicate"] == 5 and run.data.metrics["data.export.rows"] == len(chats)
     report = tracking.client_for(params.tracking).download_artifacts(run.info.run_id, "data_validation.md")
     assert "| duplicate rows (exact copy of an earlier conversation) | 5 |" in Path(report).read_text()
+
+
+@pytest.fixture
+def bare_params(tmp_path) -> Path:
+    """A params file that needs no model: the platform commands only read its work_dir."""
+    path = tmp_path / "params.yaml"
+    path.write_text(f"work_dir: {tmp_path / 'work'}\n")
+    return path
+
+
+def _state_file(bare_params: Path) -> Path:
+    from llmops.config import load_params
+
+    folder = load_params(bare_params).work_dir / "platform"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "platform.json"
+
+
+@pytest.fixture
+def stranger():
+    """An unrelated program (its own process group) whose pid a stale state file names."""
+
+    process = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    yield process
+    process.kill()
+    process.wait()
+
+
+@pytest.mark.parametrize("recorded", ["pid only", "another start time"])
+def test_platform_down_never_signals_a_process_that_reuses_a_recorded_pid(bare_params, stranger, capsys, recorded):
+    import time
+
+    from llmops.platform import Identity
+
+    me = Identity.of(stranger.pid)
+    identity = {} if recorded == "pid only" else {"started": me.started - 1, "command": me.command}
+    service = {"name": "prefect-server", "pid": stranger.pid, "log": "server.log", **identity}
+    state = _state_file(bare_params)
+    state.write_text(json.dumps({"supervisor": stranger.pid, "services": [service]}))
+
+    assert main(["--params", str(bare_params), "platform", "down"]) == 0
+    time.sleep(0.5)
+    assert stranger.poll() is None  # neither SIGTERM nor SIGKILL reached it
+    assert not state.exists()
+    assert "The platform is not running." in capsys.readouterr().out
+
+
+def test_platform_up_over_a_stale_state_file_cleans_it_up_and_leaves_the_stranger_alone(
+    bare_params, stranger, capsys, caplog
+):
+    import socket
+
+    state = _state_file(bare_params)
+    service = {"name": "mlflow-ui", "pid": stranger.pid, "log": "ui.log", "started": 1, "command": "mlflow ui"}
+    state.write_text(json.dumps({"supervisor": stranger.pid, "services": [service]}))
+    with socket.socket() as taken:  # so that `up` stops right after its checks, before starting anything
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert main(["--params", str(bare_params), "platform", "up", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"Port {port}" in err and "already running" not in err
+    assert stranger.poll() is None and not state.exists()
+    assert "did not stop cleanly" in caplog.text and "now another program" in caplog.text
+
+
+def test_platform_down_stops_the_recorded_services_that_are_still_ours(bare_params):
+    import dataclasses
+
+    from llmops import platform
+    from llmops.config import load_params
+
+    folder = platform.state_dir(load_params(bare_params))
+    folder.mkdir(parents=True, exist_ok=True)
+    ours = platform._start("mlflow-ui", ["sleep", "120"], dict(os.environ), folder)
+    platform._record(folder, [ours])
+    state = json.loads((folder / "platform.json").read_text())
+    assert state["services"][0] == dataclasses.asdict(ours) and ours.started > 0 and "sleep 120" in ours.command
+    state["supervisor"] = 2**22 + 7  # a supervisor that died without cleaning up: no one holds the lock
+    (folder / "platform.json").write_text(json.dumps(state))
+
+    assert main(["--params", str(bare_params), "platform", "down"]) == 0
+    assert platform._exited(ours.pid) and not ours.is_ours()
+
+
+def test_platform_up_refuses_while_a_supervisor_holds_the_lock(bare_params, capsys):
+    from llmops import platform
+    from llmops.config import load_params
+
+    folder = platform.state_dir(load_params(bare_params))
+    folder.mkdir(parents=True, exist_ok=True)
+    platform._record(folder, [])
+    held = platform._take_lock(folder)
+    try:
+        assert main(["--params", str(bare_params), "platform", "up", "--port", "1"]) == 2
+    finally:
+        held.close()
+    assert "already running" in capsys.readouterr().err
+    assert (folder / "platform.json").exists()  # a live platform's record is left as it is
+
+
+HEAVY = ("torch", "transformers", "great_expectations")
+IMPORTS_AFTER = """
+import sys
+from llmops.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print("heavy:", [name for name in {heavy!r} if name in sys.modules], file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_status_lineage_rollback_and_help_answer_without_importing_ml_libraries(tmp_path):
+    """The quick commands read the registry without torch, transformers or Great Expectations, and the
+    embedded store's quick reads give what MLflow itself answers."""
+
+    from llmops import registry, tracking
+    from llmops.config import load_params
+    from tasks.gate import GateDecision
+    from tasks.promote import Lineage, promote
+    from tests.conftest import PROJECT
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        f"tracking: {{uri: 'sqlite:///{tmp_path}/mlflow.db', artifact_location: '{tmp_path}/art'}}\n"
+        f"work_dir: {tmp_path / 'work'}\n"
+    )
+    params = load_params(params_file)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    client = tracking.client_for(params.tracking)
+    experiment = client.create_experiment("quick", artifact_location=params.tracking.artifact_location)
+    for number in (1, 2):
+        run_id = client.create_run(experiment).info.run_id
+        client.log_dict(run_id, {"finetune": {"epochs": number}}, "params.json")
+        client.log_metric(run_id, "evaluate.candidate.exact_match", 0.5 + number / 10)
+        lineage = Lineage(
+            dataset_hash="d",
+            git_commit=f"c{number}",
+            params_hash="p",
+            prefect_flow_run_id="f",
+            mlflow_run_id=run_id,
+            reason="test",
+        )
+        (model / "weights.bin").write_text(str(number))  # two different models
+        promote(params.registry, params.tracking, GateDecision(passed=True, checks=[]), model, lineage)
+
+    assert registry.describe_champion(params.tracking, params.registry) == tracking.describe_champion(
+        params.tracking, params.registry
+    )
+    assert registry.describe_version(params.tracking, params.registry, "1") == tracking.describe_version(
+        params.tracking, params.registry, "1"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    for command in (["status", "--json"], ["lineage", "1"], ["--help"], ["run", "--help"], ["rollback"]):
+        done = subprocess.run(
+            [sys.executable, "-c", IMPORTS_AFTER.format(heavy=(*HEAVY, "mlflow")), "--params", str(params_file)]
+            + command,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "heavy: []" in done.stderr, (command, done.stderr[-500:])
+    # The rollback went to the store itself: MLflow sees the alias moved and the history grown, as its own
+    # rollback would have left them.
+    assert tracking.champion_version(params.tracking, params.registry).version == 1
+    status = tracking.describe_champion(params.tracking, params.registry)
+    assert status == registry.describe_champion(params.tracking, params.registry)
+    assert [(e["event"], e["version"]) for e in status["history"]] == [
+        ("promote", "1"),
+        ("promote", "2"),
+        ("rollback", "1"),
+    ]
+    assert status["reason"] == "manual rollback"
+
+
+# Gate settings any trained candidate passes: the tests below are about who promotes when, not quality.
+LENIENT_GATE = [
+    "gate.min_exact_match=0",
+    "gate.min_rouge_l=0",
+    "gate.min_eos_rate=0",
+    "gate.require_better_than_base=false",
+    "gate.max_regression=1",
+    "gate.max_perplexity_increase=100",
+    "gate.max_quantization_ppl_ratio=100",
+]
+QUICK_RUN = ["finetune.epochs=2", "quantize.method=none", "evaluate.max_samples=16"]
+
+
+def llmops_run(params_file: Path, *settings: str, env: dict | None = None) -> subprocess.Popen:
+
+    from tests.conftest import PROJECT
+
+    command = [sys.executable, "-m", "llmops.cli", "--params", str(params_file), "run", "--json"]
+    for setting in settings:
+        command += ["--set", setting]
+    environment = {**os.environ, "PYTHONPATH": str(PROJECT), **(env or {})}
+    environment.pop("PREFECT_API_URL", None)  # as from a shell: each run has its own ephemeral Prefect
+    return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_promote_one_after_the_other(tmp_path, assets):
+    """Two `llmops run` started together, both good enough to pass: the second to promote is judged against
+    the first's champion (under the registry lock), and the history records both promotions, in order."""
+    from llmops import tracking
+    from llmops.config import load_params
+
+    params_file = write_params(tmp_path, assets)
+    runs = [llmops_run(params_file, *QUICK_RUN, *LENIENT_GATE, f"finetune.seed={seed}") for seed in (1, 2)]
+    results = []
+    for run in runs:
+        out, err = run.communicate(timeout=1800)
+        assert run.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        assert len((out + err).splitlines()) <= 40, out + err  # a person can read it
+
+    params = load_params(params_file)
+    client = tracking.client_for(params.tracking)
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{params.registry.model_name}'"))
+    assert versions == [1, 2]
+    history = tracking.champion_history(client, params.registry.model_name)
+    assert [(e["event"], e["version"]) for e in history] == [("promote", "1"), ("promote", "2")]
+    assert tracking.champion_version(params.tracking, params.registry).version == 2
+    first, second = sorted(results, key=lambda r: int(r["promotion"]["version"]))
+    assert first["champion"] is None  # nothing to compare with yet
+    assert second["champion"] is not None  # judged against the champion the first had just made
+    assert any(c["name"] == "exact_match vs champion" for c in second["decision"]["checks"])
+
+
+@pytest.mark.slow
+def test_a_password_in_the_tracking_uri_is_never_stored_or_printed(tmp_path, assets):
+    """With LLMOPS_TRACKING_URI carrying a password (a tracking server behind basic auth), the run works and
+    the password is nowhere: not in the MLflow store, its artifacts, the work folder or the output."""
+    import socket
+    import time
+    import urllib.request
+
+    from llmops.config import load_params
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    secret = "s3cret-" + os.urandom(6).hex()
+    store = tmp_path / "server"
+    store.mkdir()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{store}/db.sqlite"]
+        + ["--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(1)
+        params_file = write_params(tmp_path, assets)
+        uri = f"http://llmops:{secret}@127.0.0.1:{port}"
+        prefect_home = tmp_path / "prefect-home"
+        env = {"LLMOPS_TRACKING_URI": uri, "PREFECT_HOME": str(prefect_home)}
+        run = llmops_run(params_file, *QUICK_RUN, "finetune.epochs=1", env=env)
+        out, err = run.communicate(timeout=1800)
+        assert run.returncode == 0, err[-3000:]
+        from mlflow import MlflowClient
+
+        result = json.loads(out.strip().splitlines()[-1])
+        logged = MlflowClient(uri).get_run(result["mlflow_run_id"]).data.params["tracking.uri"]
+        assert logged == f"http://llmops:***@127.0.0.1:{port}"  # the run went to the server, masked
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait()
+
+    assert secret not in out + err
+    assert list(load_params(params_file).work_dir.glob("runs/*/run.log"))
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaks == []  # the server's store and artifacts, the run folder and its log, Prefect's database

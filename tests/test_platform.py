@@ -27,6 +27,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+from prefect.states import Cancelled
 
 from llmops import tracking
 from llmops.config import load_params
@@ -128,6 +129,11 @@ def finished(platform: Platform, run_id, timeout: float = 600):
     return wait_until(read, timeout, f"flow run {run_id} to finish", every=2)
 
 
+# Seconds from a drift event to the retrain run it creates, measured by the drift test: the cooldown test must
+# wait longer than that before it can conclude that no run was created.
+EVENT_TO_RUN_SECONDS: list[float] = []
+
+
 def record(name: str, value) -> None:
     OUTPUT.mkdir(parents=True, exist_ok=True)
     path = OUTPUT / "timings.json"
@@ -170,7 +176,7 @@ def test_the_retrain_cron_schedule_creates_runs(platform):
 
 
 def test_a_custom_run_from_the_ui_completes_with_the_changed_parameter(platform):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     assert CHROMIUM.exists(), "headless Chromium is missing: `make setup` installs the Debian package chromium"
     OUTPUT.mkdir(parents=True, exist_ok=True)
@@ -185,14 +191,33 @@ def test_a_custom_run_from_the_ui_completes_with_the_changed_parameter(platform)
         page.screenshot(path=OUTPUT / "01-retrain-deployment.png")
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_text("Custom run").click()
-        reason = page.locator("label", has_text="reason (Optional)").locator("xpath=ancestor::*[.//textarea][1]")
-        reason.locator("textarea").fill("ui-browser-test")
+        # The form fills its fields with the parameters' defaults once the deployment's schema has arrived; on
+        # a slow machine that can land after a value was typed, which then silently reverts to the default
+        # ("manual"). The run Submit created then never matched, and it held the deployment's only slot, so
+        # the drift tests after it timed out too. So: let the form settle, type, and check the value stuck.
+        page.wait_for_load_state("networkidle")
+        textarea = (
+            page.locator("label", has_text="reason (Optional)")
+            .locator("xpath=ancestor::*[.//textarea][1]")
+            .locator("textarea")
+        )
+        textarea.fill("ui-browser-test")
+        expect(textarea).to_have_value("ui-browser-test")
         page.screenshot(path=OUTPUT / "02-custom-run-form.png", full_page=True)
+        before = {r.id for r in retrain_runs(platform)}
         page.get_by_role("button", name="Submit").click()
-        try:  # a loaded CI machine can take a while to answer the UI's requests
-            [created] = wait_until(lambda: retrain_runs(platform, "ui-browser-test"), 180, "the run the UI submitted")
+        try:  # the run Submit created, whatever its parameters: a lost value fails here, naming what it got
+            [created] = wait_until(
+                lambda: [r for r in retrain_runs(platform) if r.id not in before and not r.auto_scheduled],
+                60,
+                "the run the UI submitted",
+            )
         finally:
             page.screenshot(path=OUTPUT / "02b-after-submit.png", full_page=True)  # what the UI said, if it failed
+        if created.parameters.get("reason") != "ui-browser-test":
+            with platform.client(), get_client(sync_client=True) as client:
+                client.set_flow_run_state(created.id, Cancelled(), force=True)  # free the slot for the next tests
+            raise AssertionError(f"the UI created a run with parameters {created.parameters}")
 
         run = finished(platform, created.id)
         page.goto(f"{platform.url}/runs/flow-run/{run.id}")
@@ -262,6 +287,8 @@ def test_drift_from_the_monitor_starts_one_retrain_that_folds_the_batch_in(platf
     assert drift_run.state.is_completed(), drift_run.state
     assert drift_run.parameters["incoming"] == str(incoming)
     record("drift_event_to_retrain_start_seconds", (drift_run.start_time - monitor_run.end_time).total_seconds())
+    EVENT_TO_RUN_SECONDS.append((drift_run.created - monitor_run.end_time).total_seconds())
+    record("drift_event_to_retrain_created_seconds", EVENT_TO_RUN_SECONDS[-1])
     record("drift_retrain_run_seconds", drift_run.total_run_time.total_seconds())
 
     time.sleep(10)  # anything the storm could still start would be visible by now
@@ -279,7 +306,9 @@ def test_the_drift_cli_exits_1_on_drift_and_the_cooldown_holds(platform):
     assert done.returncode == 1, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
     assert report["drifted"] is True and report["ok"] is True
-    time.sleep(10)
+    # Twice as long as the first drift event took to create its retrain (at least 30 s): a run this event
+    # would start outside a cooldown exists by then, so its absence means the cooldown held.
+    time.sleep(max(30.0, 2 * max(EVENT_TO_RUN_SECONDS, default=60.0)))
     assert len(retrain_runs(platform, "drift")) == 1  # still inside the cooldown window
 
 

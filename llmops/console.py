@@ -1,0 +1,142 @@
+"""What `llmops run` shows a person, and where everything else goes.
+
+The terminal gets one line per finished stage, a progress bar while finetune trains, then the gate table
+and the registry line. Everything else (library banners and warnings, progress bars, Prefect's and
+Great Expectations' log lines, child processes' output) goes to the run's log file: while the run lasts,
+file descriptors 1 and 2 themselves point at that file, so output written below Python (C extensions,
+subprocesses) is caught too. The file starts under `<work_dir>/logs/` and moves to `<run folder>/run.log`
+as soon as the run has one; the MLflow run keeps a copy. Warnings and errors of this project's own code
+still reach the terminal; `-v` shows everything there instead, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+PROGRESS = "llmops.progress"  # the logger of the per-stage lines
+_OURS = ("llmops", "tasks", "flows")
+_TRAINING_STEP = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.naninf]+)(?:\s+tokens (\d+))?")
+
+_log_file: Path | None = None
+
+
+def log_file() -> Path | None:
+    """The file the current run's full output goes to, while `capture` is in effect (or after it ended)."""
+    return _log_file
+
+
+def move_log(run_dir: Path) -> Path | None:
+    """Give the log file its final place in the run folder; writing goes on into the same open file."""
+    global _log_file
+    if _log_file is None or not _log_file.exists():
+        return None
+    target = run_dir / "run.log"
+    if _log_file != target:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _log_file.rename(target)  # same inode: the redirected descriptors keep writing into it
+        _log_file = target
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return _log_file
+
+
+class _Terminal(logging.Handler):
+    """Stage lines, the training progress bar, and warnings from this project's own code."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(logging.INFO)
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.bar_open = False
+        self.last_quarter = -1
+        self.started: tuple[float, int] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.name == PROGRESS:
+                self._line(message)
+            elif record.name == "tasks.finetune" and (step := _TRAINING_STEP.search(message)):
+                self._bar(*step.groups())
+            elif record.levelno >= logging.WARNING and record.name.startswith(_OURS):
+                self._line(f"{record.levelname.lower()}: {message}")
+        except Exception:  # noqa: BLE001 - a display problem must never fail the run
+            self.handleError(record)
+
+    def _line(self, text: str) -> None:
+        if self.bar_open:
+            self.stream.write("\n")
+            self.bar_open = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        self.last_quarter, self.started = -1, None
+
+    def _bar(self, step: str, steps: str, loss: str, tokens: str | None) -> None:
+        done, total = int(step), int(steps)
+        now, seen = time.monotonic(), int(tokens or 0)
+        if self.started is None:
+            self.started = (now, seen)
+        elapsed = now - self.started[0]
+        rate = f"{(seen - self.started[1]) / elapsed:,.0f} tok/s" if tokens and elapsed > 0 else ""
+        width = 24
+        filled = width * done // max(total, 1)
+        text = f"  training  [{'#' * filled}{'.' * (width - filled)}] step {done}/{total}  loss {loss}  {rate}"
+        if self.tty:
+            self.stream.write("\r" + text.rstrip())
+            self.bar_open = done < total
+            if not self.bar_open:
+                self.stream.write("\n")
+        else:  # a pipe or a file: a line per quarter, not one per redraw
+            quarter = 4 * done // max(total, 1)
+            if quarter == self.last_quarter:
+                return
+            self.stream.write(text.rstrip() + "\n")
+            self.last_quarter = quarter
+        self.stream.flush()
+
+
+@contextmanager
+def capture(work_dir: Path, verbose: bool) -> Iterator[TextIO]:
+    """For the block: everything to the run's log file, the readable part to the terminal (yielded, for the
+    command's own output). With `verbose`, nothing is redirected."""
+    global _log_file
+    if verbose:
+        yield sys.stdout
+        return
+    folder = work_dir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    _log_file = folder / f"run-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = open(os.dup(2), "w", buffering=1, closefd=True)  # noqa: SIM115 - closed below
+    handler = _Terminal(terminal)
+    root = logging.getLogger()
+    with _log_file.open("ab") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+    root.addHandler(handler)
+    logging.getLogger(PROGRESS).setLevel(logging.INFO)
+    try:
+        yield terminal
+    finally:
+        root.removeHandler(handler)
+        for other in root.handlers:  # what libraries log while the process winds down stays out of sight
+            if isinstance(other, logging.StreamHandler) and other.stream in (sys.stdout, sys.stderr):
+                other.setLevel(max(other.level, logging.WARNING))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        terminal.close()
