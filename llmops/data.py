@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -359,31 +360,32 @@ def tracked_version(path: Path) -> tuple[Path, str] | None:
     return None
 
 
-_dvc_locks_held: dict[Path, int] = {}
+_dvc_locks_held = threading.local()  # lock file -> depth, per thread
 
 
 @contextmanager
 def dvc_lock(root: Path) -> Iterator[None]:
     """Serialize DVC commands: two cannot run in one workspace (DVC's own lock would fail the second).
 
-    Re-entrant within a process, so a caller can hold it around a change to the data and the `dvc add` that
-    versions it (see `tasks/ingest.py`)."""
+    Re-entrant within a thread, so a caller can hold it around a change to the data and the `dvc add` that
+    versions it (see `tasks/ingest.py`); other threads and processes wait."""
     lock_path = root / ".dvc" / "tmp" / "llmops.lock"
-    if _dvc_locks_held.get(lock_path):
-        _dvc_locks_held[lock_path] += 1
+    held = _dvc_locks_held.__dict__
+    if held.get(lock_path):
+        held[lock_path] += 1
         try:
             yield
         finally:
-            _dvc_locks_held[lock_path] -= 1
+            held[lock_path] -= 1
         return
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        _dvc_locks_held[lock_path] = 1
+        held[lock_path] = 1
         try:
             yield
         finally:
-            _dvc_locks_held[lock_path] = 0
+            held[lock_path] = 0
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

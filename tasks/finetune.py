@@ -71,6 +71,11 @@ def checkpoint_folder(params: FinetuneParams, base_model: str, data: DatasetRef,
     return checkpoints / key
 
 
+def checkpoint_lock(checkpoint_dir: Path) -> Path:
+    """The lock a training holds on its checkpoint folder, kept beside the checkpoints folder, not in it."""
+    return checkpoint_dir.parent.with_name(f"{checkpoint_dir.parent.name}.locks") / f"{checkpoint_dir.name}.lock"
+
+
 def finetune(
     params: FinetuneParams,
     base_model: str | ModelParams,
@@ -111,7 +116,7 @@ def finetune(
     checkpoint_dir = checkpoint_folder(params, pinned, data, checkpoints)
     # One training owns its checkpoint folder: a second run with the same inputs waits for it (then resumes
     # from what it left, if it crashed) instead of both writing, and one deleting, the same checkpoints.
-    with exclusive(checkpoint_dir.with_name(f"{checkpoint_dir.name}.lock"), "waiting for a run training the same"):
+    with exclusive(checkpoint_lock(checkpoint_dir), "waiting for a run training the same"):
         with atomic_dir(out) as tmp:
             job = TrainingJob(
                 params=params,

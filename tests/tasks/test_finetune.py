@@ -15,7 +15,7 @@ from llmops.data import read_conversations
 from llmops.errors import LLMOpsError
 from llmops.modeling import collate, encode_conversation, load_model, load_tokenizer
 from llmops.training import collate_packed, newest_complete_checkpoint, pack_examples
-from tasks.finetune import TrainingFailed, checkpoint_folder, finetune
+from tasks.finetune import TrainingFailed, checkpoint_folder, checkpoint_lock, finetune
 from tasks.merge import merge_adapter
 from tests.conftest import training_processes
 
@@ -202,7 +202,7 @@ def test_a_second_training_with_the_same_inputs_waits_for_the_first(tmp_path):
     data = DatasetRef(train=tmp_path / "t", eval=tmp_path / "e", train_rows=1, eval_rows=1, train_md5="a", eval_md5="b")
     params = FinetuneParams(distributed=DistributedParams(processes=2, hostfile=tmp_path / "hostfile"))
     folder = checkpoint_folder(params, "base", data, tmp_path / "ckpt")
-    with exclusive(folder.with_name(f"{folder.name}.lock"), "held by the test"):
+    with exclusive(checkpoint_lock(folder), "held by the test"):
         thread, outcome = run_in_background(params, "base", data, tmp_path / "ft", tmp_path / "ckpt")
         time.sleep(2)
         assert thread.is_alive() and not outcome  # waiting for the checkpoint folder, not training

@@ -137,3 +137,25 @@ def test_a_batch_of_long_prompts_is_refused_when_dropped_and_taken_when_truncate
         ingest(params, new, max_seq_len=64)
     result = ingest(params, new, max_seq_len=64, excess_length="truncate_prompt")
     assert result.rows_after == result.rows_before + 12
+
+
+def test_ingest_reads_swaps_and_versions_under_the_dvc_lock(project):
+    """While another DVC command holds the workspace's lock, an ingest waits: it neither reads nor swaps the
+    training file, so two at once never lose each other's rows."""
+    import threading
+    import time
+
+    from llmops.data import dvc_lock, dvc_root
+
+    params, root = project
+    new = root / "new.jsonl"
+    new.write_bytes(jsonl(NEW_ROWS))
+    before = params.data.train.read_bytes()
+    outcome = {}
+    with dvc_lock(dvc_root(params.data.train)):
+        thread = threading.Thread(target=lambda: outcome.setdefault("result", ingest(params, new)))
+        thread.start()
+        time.sleep(3)
+        assert thread.is_alive() and params.data.train.read_bytes() == before
+    thread.join(timeout=300)
+    assert outcome["result"].rows_after == len(before.splitlines()) + len(NEW_ROWS)
