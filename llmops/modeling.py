@@ -202,6 +202,7 @@ def generate(
     """Greedy next assistant turns of conversations (a plain string is one user turn), decoded without the
     prompt. The prompt ids are `llmops.chat.render_prompt`'s: exactly those training put before an answer."""
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
+    stops = stop_token_ids(tokenizer, model)
     generations: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         rendered = [{"input_ids": render_prompt(tokenizer, p)} for p in prompts[start : start + batch_size]]
@@ -210,12 +211,13 @@ def generate(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=stop_token_ids(tokenizer, model),
+            eos_token_id=stops,
             pad_token_id=tokenizer.pad_token_id,
         )
         for row in output[:, batch["input_ids"].shape[1] :].tolist():
-            stopped = tokenizer.eos_token_id in row
-            kept = row[: row.index(tokenizer.eos_token_id)] if stopped else row
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            stopped = end is not None
+            kept = row[:end]
             generations.append(Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), stopped))
     return generations
 
