@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Conf
 
 from llmops.chat import render_prompt
 from llmops.config import EvaluateParams, FinetuneParams, MergeParams, QuantizeParams, ValidateParams
-from llmops.data import Conversation, read_conversations, write_jsonl
+from llmops.data import Conversation, DatasetRef, read_conversations, write_jsonl
 from llmops.devices import GPTQ_KERNELS
 from llmops.modeling import folder_size_bytes, generate, load_model, load_tokenizer, response_perplexity
 from tasks.bootstrap import world
@@ -494,21 +494,6 @@ def qwen2_model(folder: Path) -> Path:
     return folder
 
 
-def dataset_ref(train: Path, eval_: Path):
-    """The reference to data this bench generated itself, without the Great Expectations suite (a GPU host
-    may not have it installed; the CPU groups validate the same generator's output)."""
-    from llmops.data import DatasetRef, file_md5
-
-    return DatasetRef(
-        train=train,
-        eval=eval_,
-        train_rows=len(read_conversations(train)),
-        eval_rows=len(read_conversations(eval_)),
-        train_md5=file_md5(train),
-        eval_md5=file_md5(eval_),
-    )
-
-
 def bf16_matmul_rate(size: int = 8192, repeats: int = 20) -> float:
     """This GPU's dense bf16 matrix-multiply rate in FLOP/s: the ceiling MFU is measured against."""
     a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -574,7 +559,7 @@ class GpuSetup:
         model = qwen2_model(WORK / "qwen2-0.5b")
         parameters = sum(t.numel() for t in load_model(model, device="cuda").parameters())
         (WORK / "gpu").mkdir(parents=True, exist_ok=True)
-        return cls(model, dataset_ref(*variable_length_data(WORK / "gpu")), parameters, peak)
+        return cls(model, DatasetRef.unvalidated(*variable_length_data(WORK / "gpu")), parameters, peak)
 
 
 def gpu_training_figures(setup: GpuSetup) -> tuple[list[Figure], object]:

@@ -301,6 +301,19 @@ class DatasetRef(BaseModel, frozen=True):
         train, eval_ = self.raw_train_md5 or self.train_md5, self.raw_eval_md5 or self.eval_md5
         return self.dvc_version or f"{train[:16]}{eval_[:16]}"
 
+    @classmethod
+    def unvalidated(cls, train: Path, eval: Path) -> DatasetRef:
+        """Splits taken as they are, without cleaning or the suite: for data a benchmark or a GPU check made
+        itself, on hosts that may not have Great Expectations."""
+        return cls(
+            train=train,
+            eval=eval,
+            train_rows=len(read_conversations(train)),
+            eval_rows=len(read_conversations(eval)),
+            train_md5=file_md5(train),
+            eval_md5=file_md5(eval),
+        )
+
     def lineage_tags(self) -> dict[str, str]:
         return {
             "dataset.train": str(self.raw_train or self.train),
