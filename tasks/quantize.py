@@ -184,13 +184,14 @@ def packable_block_layers(model: PreTrainedModel, group_size: int) -> tuple[list
     return ok, [name for name in widths if name not in ok]
 
 
-def reload_complete(folder: Path, placement: Placement) -> PreTrainedModel:
+def reload_complete(folder: Path, placement: Placement | None = None) -> PreTrainedModel:
     """Load a saved model back and check that the checkpoint held every parameter and persistent buffer of
     the loaded model: one it lacked was newly (randomly) initialized by the loader, a silent corruption.
 
     Raises:
         LLMOpsError: a parameter or buffer of the reloaded model is not in the checkpoint.
     """
+    placement = placement or resolve_placement()
     reloaded = load_model(folder, dtype=placement.dtype, device=placement.device)
     saved: set[str] = set()
     for shard in folder.glob("*.safetensors"):

@@ -40,7 +40,7 @@ def test_every_stage_runs_on_the_architecture(architecture, tiny_architectures, 
     kinds = {name.rsplit(".", 1)[-1] for name in linear_layers(base)}
     assert set(adapter.target_modules.adapted) == kinds and not adapter.target_modules.not_adapted
     saved = json.loads((adapter.adapter_dir / "adapter_config.json").read_text())["target_modules"]
-    assert set(saved) == kinds and "lm_head" not in saved
+    assert {name.rsplit(".", 1)[-1] for name in saved} == kinds and not any("lm_head" in name for name in saved)
 
     merged = merge_adapter(MergeParams(), base, adapter, few_rows, tmp_path / "merged")
     assert not merged.fidelity.problems(MergeParams())

@@ -193,17 +193,18 @@ def test_a_missing_hostfile_is_a_clear_error(assets, demo_data, tmp_path):
         finetune(params, str(assets / "model"), demo_data, tmp_path / "ft", tmp_path / "ckpt")
 
 
-def test_a_second_training_with_the_same_inputs_waits_for_the_first(tmp_path):
+def test_a_second_training_with_the_same_inputs_waits_for_the_first(assets, tmp_path):
     """A training owns its checkpoint folder: another with the same key waits until it is released (here the
-    waiting one then fails fast on a missing hostfile, so no model is needed)."""
+    waiting one then fails fast on a missing hostfile, so nothing trains)."""
+    from llmops.data import DatasetRef
     from llmops.files import exclusive
-    from tasks.validate import DatasetRef
 
+    base = str(assets / "model")
     data = DatasetRef(train=tmp_path / "t", eval=tmp_path / "e", train_rows=1, eval_rows=1, train_md5="a", eval_md5="b")
     params = FinetuneParams(distributed=DistributedParams(processes=2, hostfile=tmp_path / "hostfile"))
-    folder = checkpoint_folder(params, "base", data, tmp_path / "ckpt")
+    folder = checkpoint_folder(params, base, data, tmp_path / "ckpt")
     with exclusive(checkpoint_lock(folder), "held by the test"):
-        thread, outcome = run_in_background(params, "base", data, tmp_path / "ft", tmp_path / "ckpt")
+        thread, outcome = run_in_background(params, base, data, tmp_path / "ft", tmp_path / "ckpt")
         time.sleep(2)
         assert thread.is_alive() and not outcome  # waiting for the checkpoint folder, not training
     thread.join(timeout=30)
