@@ -391,6 +391,14 @@ def _one_paragraph(exc: BaseException) -> str:
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
+def _lost_a_peer(exc: Exception) -> bool:
+    """A collective failed because another rank is gone (gloo or NCCL lost the connection): that death, not
+    this rank's code, is what went wrong."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    return isinstance(exc, torch.distributed.DistError) or any(w in str(exc) for w in ("gloo", "NCCL", "Connection"))
+
+
 def main() -> None:
     """Entry point of every training process: `python -m llmops.training JOB.json`."""
     rank = int(os.environ.get("RANK", "0"))
@@ -408,6 +416,8 @@ def main() -> None:
         job.error_file.write_text(TrainingErrorReport(user_error=True, message=_one_paragraph(exc)).model_dump_json())
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - a crash: reported to the parent, traceback kept in a file
+        if _lost_a_peer(exc):
+            raise  # another rank died (killed, out of memory): no report, so the parent retries and resumes
         if job.traceback_file is not None:
             job.traceback_file.parent.mkdir(parents=True, exist_ok=True)
             job.traceback_file.write_text(traceback.format_exc())

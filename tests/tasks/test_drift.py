@@ -1,4 +1,4 @@
-"""The drift check on the real tiny model and tokenizer; the base model stands in for the champion."""
+"""The drift check on the real tiny model and tokenizer, with one epoch of fine-tuning as the champion."""
 
 import pytest
 
@@ -8,11 +8,21 @@ from tasks.bootstrap import build_incoming_batch
 from tasks.drift import champion_reference, detect_drift
 
 
+@pytest.fixture(scope="module")
+def champion(assets, demo_data, one_epoch_adapter, tmp_path_factory):
+    """A fine-tuned model: the base never saw the chat format, so its perplexity on any chat rows is noise."""
+    from llmops.config import MergeParams
+    from tasks.merge import merge_adapter
+
+    folder = tmp_path_factory.mktemp("champion") / "merged"
+    return merge_adapter(MergeParams(), str(assets / "model"), one_epoch_adapter, demo_data, folder).model_dir
+
+
 @pytest.fixture
-def check(tmp_path, assets, params):
+def check(tmp_path, champion, params):
     def run(batch, **monitor):
         monitor_params = params.monitor.model_copy(update=monitor)
-        return detect_drift(monitor_params, params.data.train, [batch], assets / "model", tmp_path / "report")
+        return detect_drift(monitor_params, params.data.train, [batch], champion, tmp_path / "report")
 
     return run
 
