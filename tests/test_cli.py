@@ -376,7 +376,13 @@ def test_status_lineage_rollback_and_help_answer_without_importing_ml_libraries(
 
 
 # Gate settings any trained candidate passes: the tests below are about who promotes when, not quality.
-LENIENT_GATE = ["gate.floors={}", "gate.vs_base=[]", "gate.vs_champion=[]", "gate.max_quantization_ppl_ratio=100"]
+LENIENT_GATE = [
+    "gate.floors={}",
+    "gate.vs_base=[]",
+    "gate.vs_champion=[perplexity]",  # compared, so a run shows which champion it was gated against
+    "gate.max_perplexity_increase=100",
+    "gate.max_quantization_ppl_ratio=100",
+]
 QUICK_RUN = ["finetune.epochs=2", "quantize.method=none", "evaluate.max_samples=16"]
 
 
@@ -418,7 +424,7 @@ def test_two_runs_at_once_promote_one_after_the_other(tmp_path, assets):
     first, second = sorted(results, key=lambda r: int(r["promotion"]["version"]))
     assert first["champion"] is None  # nothing to compare with yet
     assert second["champion"] is not None  # judged against the champion the first had just made
-    assert any(c["name"] == "exact_match vs champion" for c in second["decision"]["checks"])
+    assert any(c["name"] == "perplexity vs champion" for c in second["decision"]["checks"])
 
 
 @pytest.mark.slow
