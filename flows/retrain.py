@@ -26,7 +26,7 @@ from llmops.orchestration import cached_stage, stage
 from tasks.evaluate import ModelScores, evaluate_models
 from tasks.finetune import finetune, training_crashed
 from tasks.gate import GateDecision, decide
-from tasks.ingest import ingest_dataset
+from tasks.ingest import IngestResult, ingest_dataset
 from tasks.merge import merge_adapter
 from tasks.promote import Lineage, Promotion, fetch_champion, promote
 from tasks.quantize import quantize_model
@@ -47,6 +47,7 @@ promote_task = stage(promote)
 
 class RetrainSummary(BaseModel):
     mlflow_run_id: str
+    ingest: IngestResult | None  # when the run folded new rows in first (`incoming`)
     dataset: DatasetRef
     stages: list[tracking.StageTiming]
     candidate: ModelScores | None  # None when the candidate was the champion itself (promotion.unchanged)
@@ -71,7 +72,8 @@ def retrain(
         params_file: The params.yaml to run with; paths in it are relative to its folder.
         reason: Why this run happens (manual, schedule, drift, ...); recorded as lineage.
         incoming: New rows to fold into the training set first (a JSONL file or a folder of them), checked
-            like `llmops ingest` and versioned with DVC; the files then move to `ingested/` beside them.
+            like `llmops ingest` and versioned with DVC; the files then move to `ingested/` beside them. A
+            folder's traffic log (`llmops serve`) adds its judged exchanges: corrected, or rated "up".
         dataset: A training split (JSONL) to use instead of the params' data.train.
         learning_rate: Fine-tuning learning rate for this run (default: params' finetune.learning_rate).
         epochs: Fine-tuning epochs for this run (default: params' finetune.epochs).
@@ -86,8 +88,9 @@ def retrain(
     tags = {"prefect_flow_run_id": flow_run_id, "reason": reason, "git_commit": tracking.git_commit(root)}
 
     with tracking.TrackedRun(params, run_name=runtime.flow_run.name, tags=tags, run_dir=run_dir) as run:
+        ingest = None
         if incoming:  # new rows are validated on their own and combined before anything else reads the data
-            run.stage(
+            ingest = run.stage(
                 "ingest",
                 ingest_task,
                 params.validate_,
@@ -171,6 +174,7 @@ def retrain(
                 )
                 return RetrainSummary(
                     mlflow_run_id=run.run_id,
+                    ingest=ingest,
                     dataset=data,
                     stages=run.timings,
                     candidate=None,
@@ -207,6 +211,7 @@ def retrain(
 
     return RetrainSummary(
         mlflow_run_id=run.run_id,
+        ingest=ingest,
         dataset=data,
         stages=run.timings,
         candidate=report.candidate,

@@ -97,14 +97,18 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--data", type=Path, required=True, help="the JSONL file to check (any accepted shape)")
     validate.add_argument("--against", type=Path, help="an eval split to check the file's prompts for leakage into")
     ingest = command("ingest", cmd_ingest, "validate new rows, fold them into the training set, version it")
-    ingest.add_argument("--data", type=Path, required=True, help="JSONL file of new rows")
+    ingest.add_argument(
+        "--data", type=Path, required=True, help="JSONL file of new rows, or a folder of them and/or a traffic log"
+    )
     ingest.add_argument("--mode", choices=["append", "replace"], default="append")
     lineage = command("lineage", cmd_lineage, "where a registered version came from")
     lineage.add_argument("version", help="registered model version number")
     reproduce = command("reproduce", cmd_reproduce, "re-run on exactly the data and params of a version, compare")
     reproduce.add_argument("version", help="registered model version number")
     drift = command("drift", cmd_drift, "check incoming data for drift; on drift emit the event (exit 1)")
-    drift.add_argument("--data", type=Path, help="JSONL file or folder of them (default: params monitor.incoming)")
+    drift.add_argument(
+        "--data", type=Path, help="JSONL file, or folder of them and/or a traffic log (default: monitor.incoming)"
+    )
     command("deploy", cmd_deploy, "register the deployments and drift automation on PREFECT_API_URL")
     platform = command("platform", cmd_platform, "run the platform on this machine (make platform)", False)
     platform.add_argument("action", choices=["up", "down"], help="up: start and supervise; down: stop it")
@@ -169,6 +173,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: Any, params: Params) -> None:
+    if summary.ingest and summary.ingest.traffic:
+        t = summary.ingest.traffic
+        print(
+            f"\nServed traffic: {t.folded} judged exchanges folded in; left out {t.left_out} never judged or judged "
+            f"down, and {t.duplicates} already in the training set"
+        )
     data = summary.dataset
     dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(data.dropped.items())) or "none"
     print(f"\nData: {data.train_rows} training and {data.eval_rows} eval conversations; dropped: {dropped}")
@@ -242,6 +252,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(json.dumps({"ok": True, **result.model_dump(mode="json")}))
     else:
         print(f"{result.dataset}: {args.mode} {args.data} -> {result.rows_before} -> {result.rows_after} training rows")
+        if result.traffic:
+            t = result.traffic
+            print(f"  traffic {t.log}: {t.folded} judged exchanges folded in, {t.left_out} left out unjudged")
         print(f"  version {result.previous_version} -> {result.version} (dvc add + push done)")
         print("  commit the updated .dvc file, then `llmops run` retrains on it")
     return 0
@@ -294,19 +307,18 @@ def cmd_drift(args: argparse.Namespace) -> int:
     _prepare_prefect(params)
     from flows.monitor import monitor
 
-    report = monitor(params_file=str(args.params), incoming=str(args.data) if args.data else None)
-    if report is None:
-        message = f"No incoming data in {params.monitor.incoming}: nothing to check."
-        print(json.dumps({"ok": True, "drifted": False, "message": message}) if args.json else message)
-        return 0
+    reports = monitor(params_file=str(args.params), incoming=str(args.data) if args.data else None)
+    drifted = any(report.drifted for report in reports)
     if args.json:
-        print(json.dumps({"ok": True, "drifted": report.drifted, **report.model_dump(mode="json")}))
+        print(json.dumps({"ok": True, "drifted": drifted, "reports": [r.model_dump(mode="json") for r in reports]}))
+    elif not reports:
+        print(f"No incoming data in {args.data or params.monitor.incoming}: nothing to check.")
     else:
-        print(report.to_markdown())
-        if report.drifted:
-            batch = args.data or params.monitor.incoming
-            print(f"\nEvent llmops.drift.detected emitted: on the platform, a retrain folds {batch} in.")
-    return 1 if report.drifted else 0
+        print("\n\n".join(report.to_markdown() for report in reports))
+        if drifted:
+            folder = args.data or params.monitor.incoming
+            print(f"\nEvent llmops.drift.detected emitted: on the platform, a retrain folds {folder} in.")
+    return 1 if drifted else 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

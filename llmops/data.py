@@ -329,13 +329,19 @@ class DatasetRef(BaseModel, frozen=True):
         }
 
 
+# The served-traffic log's files (`llmops.traffic`): never a batch, since only judged exchanges may train.
+TRAFFIC_FILES, FEEDBACK_FILES = "traffic-*.jsonl", "feedback-*.jsonl"
+
+
 def batch_files(path: Path) -> list[Path]:
-    """An incoming batch: the JSONL file itself, or the `*.jsonl` files directly inside a folder (sorted)."""
+    """An incoming batch: the JSONL file itself, or the `*.jsonl` files directly inside a folder (sorted),
+    leaving out a served-traffic log's files."""
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise LLMOpsError(f"Incoming data {path} does not exist: give a JSONL file or a folder of them.")
-    return sorted(p for p in path.glob("*.jsonl") if p.is_file())
+    log_files = {*path.glob(TRAFFIC_FILES), *path.glob(FEEDBACK_FILES)}
+    return sorted(p for p in path.glob("*.jsonl") if p.is_file() and p not in log_files)
 
 
 def file_md5(path: Path) -> str:

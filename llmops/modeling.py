@@ -145,7 +145,6 @@ def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-@torch.no_grad()
 def response_perplexity(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -154,8 +153,28 @@ def response_perplexity(
     batch_size: int = 16,
 ) -> float:
     """Perplexity of the assistant turns (and their EOS) given what precedes them: what fine-tuning minimises."""
-    total_loss, total_tokens = 0.0, 0
     encoded = [encode_conversation(tokenizer, conversation, max_seq_len) for conversation in conversations]
+    return _perplexity(model, tokenizer, encoded, batch_size)
+
+
+def prompt_perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Sequence[Turn]],
+    max_seq_len: int,
+    batch_size: int = 16,
+) -> float:
+    """Perplexity of whole prompts as `render_prompt` gives them to `generate`: how familiar what users ask is."""
+    encoded = []
+    for prompt in prompts:
+        ids = render_prompt(tokenizer, prompt)[:max_seq_len]
+        encoded.append({"input_ids": ids, "labels": ids})
+    return _perplexity(model, tokenizer, encoded, batch_size)
+
+
+@torch.no_grad()
+def _perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, encoded: list[dict], batch_size: int):
+    total_loss, total_tokens = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         batch = {
             k: v.to(model.device)

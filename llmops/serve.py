@@ -6,8 +6,8 @@
   fails; a version that fails to load is never swapped in, and the failure shows in `/health`.
 - `create_app` is the FastAPI app: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`,
   `/v1/feedback`, with bearer-token access and size limits.
-- `TrafficLog` appends each exchange, redacted, in the chat `messages` format to an hourly file under the
-  monitor's incoming folder; feedback lands in a file beside it.
+- Each exchange is appended, redacted, to the traffic log under the monitor's incoming folder, and feedback
+  beside it (`llmops.traffic`): the monitor and the next retrain read them back.
 - `TextGenerator` is the MLflow model logged with each registered version: the same loading and generation
   code, shipped with the model (`code_paths`), so `mlflow models serve` needs no install of this project.
 
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-import random
 import threading
 import time
 import uuid
@@ -45,7 +43,7 @@ from llmops.data import Turn
 from llmops.devices import resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.modeling import Generation, generate, load_model, load_tokenizer
-from llmops.privacy import redact
+from llmops.traffic import TRAFFIC_FOLDER, TrafficLog
 
 if TYPE_CHECKING:
     from llmops.config import Params, RegistryParams, ServeParams, TrackingParams
@@ -91,7 +89,13 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         max_new_tokens = int((params or {}).get("max_new_tokens", 64))
-        conversations = [_input_conversation(row) for row in _input_rows(model_input)]
+        rows = _input_rows(model_input)
+        if not rows:  # MLflow drops input that matches no column of the signature, such as a list of strings
+            raise LLMOpsError(
+                'No rows to answer. Give rows of {"prompt": "..."} or {"messages": [{"role": ..., "content": ...}]} '
+                "(a list of them, or a DataFrame with those columns); a plain list of strings matches no column."
+            )
+        conversations = [_input_conversation(row) for row in rows]
         return [g.text for g in reply(self.model, self.tokenizer, conversations, max_new_tokens)]
 
 
@@ -107,7 +111,9 @@ def _input_conversation(row: Any) -> list[dict[str, str]]:
     messages = row.get("messages")
     if messages is not None and len(messages):
         return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-    return [{"role": "user", "content": str(row["prompt"])}]
+    if not isinstance(row.get("prompt"), str):
+        raise LLMOpsError(f"A row needs a `prompt` string or chat `messages`; got {row!r}.")
+    return [{"role": "user", "content": row["prompt"]}]
 
 
 def model_signature():
@@ -258,110 +264,6 @@ class ChampionFollower:
             "registry_error": self.registry_error,
             "poll_seconds": self.poll_seconds,
         }
-
-
-# --- Traffic as data -----------------------------------------------------------------------------------------
-
-
-class TrafficLog:
-    """Hourly JSONL files of redacted exchanges in the chat format (`traffic-YYYY-MM-DDTHH.jsonl`), with
-    feedback on them beside (`feedback-YYYY-MM-DDTHH.jsonl`). The hour is part of each response id, so
-    feedback finds its exchange without an index."""
-
-    def __init__(self, folder: Path, sample_rate: float, max_bytes: int):
-        self.folder, self.sample_rate, self.max_bytes = folder, sample_rate, max_bytes
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def new_id(prefix: str, now: datetime) -> str:
-        return f"{prefix}-{now:%Y%m%dT%H}-{uuid.uuid4().hex[:16]}"
-
-    def _files(self, response_id: str) -> tuple[Path, Path] | None:
-        try:
-            hour = datetime.strptime(response_id.split("-")[1], "%Y%m%dT%H")
-        except (IndexError, ValueError):
-            return None
-        stamp = f"{hour:%Y-%m-%dT%H}"
-        return self.folder / f"traffic-{stamp}.jsonl", self.folder / f"feedback-{stamp}.jsonl"
-
-    def append(self, response_id: str, messages: list[dict[str, str]], answer: str, **facts: Any) -> bool:
-        """Write one exchange (redacted) unless sampled out or over the hour's size cap; True if written."""
-        if random.random() >= self.sample_rate:
-            return False
-        traffic, _ = self._files(response_id)
-        turns = [*messages, {"role": "assistant", "content": answer}]
-        row = {"id": response_id, "messages": [{"role": m["role"], "content": redact(m["content"])} for m in turns]}
-        line = json.dumps({**row, **facts}, ensure_ascii=False) + "\n"
-        with self._lock:
-            size = traffic.stat().st_size if traffic.exists() else 0
-            if size + len(line.encode()) > self.max_bytes:
-                log.warning("%s reached serve.max_log_bytes (%d bytes); %s not logged", traffic, size, response_id)
-                return False
-            try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                with traffic.open("a", encoding="utf-8") as handle:
-                    handle.write(line)
-            except OSError as exc:  # a full or read-only disk loses a log row, never the user's answer
-                log.error("cannot write the traffic log %s: %s; %s not logged", traffic, exc, response_id)
-                return False
-        return True
-
-    def feedback(self, response_id: str, rating: str, correction: str | None) -> bool:
-        """Attach a judgment to a logged exchange; False when no exchange with that id was logged."""
-        files = self._files(response_id)
-        if files is None or not files[0].exists():
-            return False
-        traffic, feedback = files
-        needle = f'"id": {json.dumps(response_id)}'
-        with self._lock:
-            with traffic.open(encoding="utf-8") as handle:
-                if not any(line.startswith("{" + needle) for line in handle):
-                    return False
-            row = {
-                "id": response_id,
-                "rating": rating,
-                "correction": redact(correction) if correction is not None else None,
-                "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            }
-            with feedback.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        return True
-
-
-@dataclass(frozen=True)
-class JudgedTraffic:
-    """Logged exchanges sorted by their judgment: `rows` (chat `messages`) are fit to train on."""
-
-    rows: list[dict[str, Any]]
-    folded: int  # rows with a correction (it replaces the answer) or an "up" rating
-    left_out: int  # exchanges never judged, or judged "down" with no correction
-
-
-def judged_traffic(folder: Path) -> JudgedTraffic:
-    """The traffic worth training on, as conversations. A correction becomes the assistant turn; an "up"
-    keeps the model's answer; anything else is left out, so the model never learns from its own unjudged
-    output. The latest judgment of a response wins."""
-    judgments: dict[str, dict[str, Any]] = {}
-    for path in sorted(folder.glob("feedback-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                judgment = json.loads(line)
-                judgments[judgment["id"]] = judgment
-    rows, left_out = [], 0
-    for path in sorted(folder.glob("traffic-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            exchange = json.loads(line)
-            judgment = judgments.get(exchange["id"], {})
-            messages = exchange["messages"]
-            if judgment.get("correction"):
-                messages = [*messages[:-1], {"role": "assistant", "content": judgment["correction"]}]
-            elif judgment.get("rating") != "up":
-                left_out += 1
-                continue
-            rows.append({"messages": messages, "source": f"traffic:{exchange['id']}"})
-    return JudgedTraffic(rows=rows, folded=len(rows), left_out=left_out)
 
 
 # --- The HTTP API --------------------------------------------------------------------------------------------
@@ -608,7 +510,7 @@ def build(params: Params, api_key: str | None) -> tuple[FastAPI, ChampionFollowe
             settings.poll_seconds,
         )
     traffic = (
-        TrafficLog(params.monitor.incoming / "traffic", settings.sample_rate, settings.max_log_bytes)
+        TrafficLog(params.monitor.incoming / TRAFFIC_FOLDER, settings.sample_rate, settings.max_log_bytes)
         if settings.log_traffic
         else None
     )

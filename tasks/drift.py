@@ -1,11 +1,14 @@
 """Has the incoming data moved away from what the champion was trained on?
 
+Two kinds of incoming data: a batch of conversations (files), compared with the training conversations; and
+served traffic, whose prompts (what users asked the champion) are compared with the training prompts.
 Three views, each with its own threshold in `params.yaml` (`monitor:`), all under the champion's tokenizer:
-- lengths: a two-sample Kolmogorov-Smirnov test on tokens per conversation (rendered as in training);
+- lengths: a two-sample Kolmogorov-Smirnov test on tokens per row (rendered as in training);
 - vocabulary: the Jensen-Shannon divergence of token frequencies, and the share of incoming tokens that
   never occur in the reference (new words, new languages, new formats);
-- the model itself: the champion's response perplexity on incoming rows over its perplexity on reference
-  rows. This is the one that says whether the shift matters to the model.
+- the model itself: the champion's perplexity on incoming rows over its perplexity on reference rows (on
+  the responses of a batch, on the prompts of traffic). This is the one that says whether the shift matters
+  to the model.
 Any view over its threshold is drift. Too few incoming rows give no verdict rather than a noisy one.
 """
 
@@ -14,20 +17,23 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
-from llmops.chat import render
+from llmops.chat import render, render_prompt
 from llmops.config import MonitorParams
-from llmops.data import Conversation, read_conversations, restore_files
+from llmops.data import Conversation, Turn, read_conversations, restore_files
 from llmops.devices import DeviceChoice, DtypeChoice, resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir
-from llmops.modeling import EVAL_MAX_SEQ_LEN, load_model, load_tokenizer, response_perplexity
+from llmops.modeling import EVAL_MAX_SEQ_LEN, load_model, load_tokenizer, prompt_perplexity, response_perplexity
+from llmops.traffic import served_prompts
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ class DriftCheck(BaseModel, frozen=True):
 
 
 class DriftReport(BaseModel, frozen=True):
+    view: Literal["conversations", "prompts"]  # a batch's conversations, or the prompts of served traffic
+    source: str  # what was checked, in words
     incoming: list[Path]
     reference: Path
     incoming_rows: int
@@ -67,8 +75,8 @@ class DriftReport(BaseModel, frozen=True):
         lines = [
             f"## Drift check: {self.verdict}",
             "",
-            f"{self.incoming_rows} incoming rows ({', '.join(p.name for p in self.incoming)}) against "
-            f"{self.reference_rows} rows the champion was trained on ({self.reference}).",
+            f"{self.incoming_rows} {self.source} against the {self.view} of {self.reference_rows} rows the "
+            f"champion was trained on ({self.reference}).",
             "",
             "| check | value | threshold | result |",
             "|---|---|---|---|",
@@ -88,13 +96,54 @@ def detect_drift(
     device: DeviceChoice = "auto",
     dtype: DtypeChoice = "auto",
 ) -> DriftReport:
-    """Compare `incoming` (JSONL files) with `reference` (the champion's training split) and write a plot of
-    both length distributions into `out`. The champion's perplexities run under the device policy."""
-    reference_rows = read_conversations(reference)
-    incoming_rows = [conversation for path in incoming for conversation in read_conversations(path)]
+    """Compare the conversations of `incoming` (JSONL files) with `reference` (the champion's training split)
+    and write a plot of both length distributions into `out`. The champion's perplexities run under the device
+    policy."""
+    rows = [conversation for path in incoming for conversation in read_conversations(path)]
+    source = f"incoming rows ({', '.join(p.name for p in incoming)})"
+    return _compare(params, reference, incoming, "conversations", source, rows, champion_dir, out, device, dtype)
+
+
+def detect_traffic_drift(
+    params: MonitorParams,
+    reference: Path,
+    traffic: Path,
+    version: str,
+    champion_dir: Path,
+    out: Path,
+    device: DeviceChoice = "auto",
+    dtype: DtypeChoice = "auto",
+) -> DriftReport:
+    """Compare the prompts that `version` (the champion) was served, from the traffic log in `traffic`, with
+    the prompts of `reference`; as `detect_drift` otherwise."""
+    prompts = served_prompts(traffic, version)
+    source = f"prompts served by version {version} ({traffic})"
+    return _compare(params, reference, [traffic], "prompts", source, prompts, champion_dir, out, device, dtype)
+
+
+def _compare(
+    params: MonitorParams,
+    reference: Path,
+    incoming: list[Path],
+    view: Literal["conversations", "prompts"],
+    source: str,
+    incoming_rows: Sequence[Conversation] | Sequence[Sequence[Turn]],
+    champion_dir: Path,
+    out: Path,
+    device: DeviceChoice,
+    dtype: DtypeChoice,
+) -> DriftReport:
     tokenizer = load_tokenizer(champion_dir)
-    ref_tokens = [render(tokenizer, c)[0] for c in reference_rows]
-    new_tokens = [render(tokenizer, c)[0] for c in incoming_rows]
+    reference_rows = read_conversations(reference)
+    prompts_only = view == "prompts"
+    if prompts_only:
+        reference_rows = [c.prompt for c in reference_rows]
+    perplexity = prompt_perplexity if prompts_only else response_perplexity
+
+    def tokens(row) -> list[int]:
+        return render_prompt(tokenizer, row) if prompts_only else render(tokenizer, row)[0]
+
+    ref_tokens, new_tokens = [tokens(row) for row in reference_rows], [tokens(row) for row in incoming_rows]
     ref_lengths, new_lengths = [len(t) for t in ref_tokens], [len(t) for t in new_tokens]
     enough = len(incoming_rows) >= params.min_rows
 
@@ -110,7 +159,12 @@ def detect_drift(
         unseen = sum(count for token, count in new_counts.items() if token not in ref_counts) / new_counts.total()
         placement = resolve_placement(device, dtype)
         model = load_model(champion_dir, dtype=placement.dtype, device=placement.device)
-        ppl_ratio = _perplexity(model, tokenizer, incoming_rows) / _perplexity(model, tokenizer, reference_rows)
+
+        def mean_perplexity(rows) -> float:
+            sample = random.Random(0).sample(list(rows), min(len(rows), PERPLEXITY_SAMPLE))
+            return perplexity(model, tokenizer, sample, EVAL_MAX_SEQ_LEN)
+
+        ppl_ratio = mean_perplexity(incoming_rows) / mean_perplexity(reference_rows)
         checks = [
             DriftCheck(
                 name="length_ks_p_value",
@@ -140,6 +194,8 @@ def detect_drift(
     with atomic_dir(out) as tmp:
         plot = _plot_lengths(ref_lengths, new_lengths, tmp / "lengths.png")
     return DriftReport(
+        view=view,
+        source=source,
         incoming=incoming,
         reference=reference,
         incoming_rows=len(incoming_rows),
@@ -164,11 +220,6 @@ def champion_reference(dataset: dict[str, str], dvc_record: str | None) -> Path:
         )
     log.warning("The champion's training data was not versioned with DVC; comparing against %s as it is now", train)
     return train
-
-
-def _perplexity(model, tokenizer, rows: list[Conversation]) -> float:
-    sample = random.Random(0).sample(rows, min(len(rows), PERPLEXITY_SAMPLE))
-    return response_perplexity(model, tokenizer, sample, EVAL_MAX_SEQ_LEN)
 
 
 def _plot_lengths(reference: list[int], incoming: list[int], path: Path) -> Path:

@@ -9,8 +9,9 @@ so two ingests at once never lose each other's rows: each reads the set the othe
 
 from __future__ import annotations
 
+import logging
 import os
-import tempfile
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -21,7 +22,21 @@ from llmops.chat import load_chat_template
 from llmops.config import ValidateParams
 from llmops.data import batch_files, dvc_lock, dvc_root, parse_jsonl, track, tracked_version, write_jsonl
 from llmops.errors import LLMOpsError
+from llmops.traffic import judged_traffic, traffic_log
 from tasks.validate import DataReport, ExcessLength, InvalidData, check_split
+
+log = logging.getLogger(__name__)
+
+JUDGED_TRAFFIC_RULES = {"min_rows": 1, "max_dropped_ratio": 1.0}
+
+
+class FoldedTraffic(BaseModel, frozen=True):
+    """What an ingest took from a served-traffic log (`llmops.traffic`)."""
+
+    log: Path
+    folded: int  # judged exchanges added: corrected, or rated "up"
+    left_out: int  # never judged, or judged "down" with no correction: never trained on
+    duplicates: int  # judged, but the training set already holds them (folded by an earlier ingest)
 
 
 class IngestResult(BaseModel, frozen=True):
@@ -30,7 +45,8 @@ class IngestResult(BaseModel, frozen=True):
     rows_before: int
     rows_after: int
     previous_version: str | None
-    version: str
+    version: str | None  # unchanged (the previous version) when nothing was fit to fold in
+    traffic: FoldedTraffic | None = None
 
 
 def ingest_dataset(
@@ -49,9 +65,13 @@ def ingest_dataset(
     `train`, and `dvc add` + push the dataset folder. With `archive`, the ingested files are then moved to
     `ingested/<time>/` beside them, so a watched folder's batch is folded in once.
 
+    A folder may hold a served-traffic log (`llmops serve` writes one under `monitor.incoming/traffic`): its
+    judged exchanges join too (corrected, or rated "up"; never an unjudged answer), unless the training set
+    already holds them. The log itself is never moved.
+
     The batch is cleaned and judged like a split (rows already in `train` count as duplicates). It is added
-    as it was given (cleaning happens again when the training set is validated); a batch in another row shape
-    than `train` is stored with it in the `messages` shape, since one file holds one format.
+    as it was given (cleaning happens again when the training set is validated); rows in another row shape
+    than `train` are stored with it in the `messages` shape, since one file holds one format.
 
     Raises:
         InvalidData: the new rows, or the training set they would make, fail validation (nothing changed).
@@ -65,41 +85,65 @@ def ingest_dataset(
         )
     with dvc_lock(root):  # the same lock as `dvc add`: read, swap and version as one step
         files = batch_files(new)
-        if not files:
+        served = traffic_log(new) if new.is_dir() else None
+        if not files and served is None:
             raise LLMOpsError(f"{new} holds no *.jsonl files: there is nothing to ingest.")
-        batch = files[0]
-        if len(files) > 1:  # one batch, validated as one file (row numbers count through the files in name order)
-            batch = train.parent.parent / f".ingest-batch-{os.getpid()}.jsonl"
-            batch.write_bytes(b"".join(_with_newline(f.read_bytes()) for f in files))
         options = {"excess_length": excess_length, "chat_template": load_chat_template(chat_template)}
-        try:
-            joins = train if mode == "append" else None
-            incoming = check_split(params, base_model, max_seq_len, batch, other=eval, joins=joins, **options)
-            new_rows = parse_jsonl(batch, params.max_line_bytes)
-        finally:
-            if batch != files[0]:
-                batch.unlink()
-        if not incoming.ok:
-            raise InvalidData(DataReport(splits=[incoming.model_copy(update={"path": new})]))
         existing = parse_jsonl(train, params.max_line_bytes) if train.exists() and mode == "append" else None
-        before = len(parse_jsonl(train, params.max_line_bytes).rows) if train.exists() else 0  # judged below, combined
+        before = len(parse_jsonl(train, params.max_line_bytes).rows) if train.exists() else 0
         previous = tracked_version(train)
 
-        fd, name = tempfile.mkstemp(prefix=".ingest-", suffix=".jsonl", dir=train.parent.parent)
-        candidate = Path(name)
+        def check(part: Path, shown_as: Path, rules: ValidateParams = params) -> None:
+            joins = train if mode == "append" else None  # rows already in `train` count as duplicates
+            report = check_split(rules, base_model, max_seq_len, part, other=eval, joins=joins, **options)
+            if not report.ok:
+                raise InvalidData(DataReport(splits=[report.model_copy(update={"path": shown_as})]))
+
+        scratch = train.parent.parent / f".ingest-{os.getpid()}"  # outside the tracked folder
+        scratch.mkdir(exist_ok=True)
         try:
-            with os.fdopen(fd, "wb") as out:
-                if existing is None or existing.format == new_rows.format:
-                    out.write(_with_newline(train.read_bytes()) if existing else b"")
-                    out.write(b"".join(_with_newline(f.read_bytes()) for f in files))
-            if existing is not None and existing.format != new_rows.format:
-                write_jsonl(candidate, [c for _, c in existing.rows + new_rows.rows])
+            parts: list[Path] = []  # checked files whose rows join the training set
+            if files:  # one batch, validated as one file (row numbers count through the files in name order)
+                batch = files[0] if len(files) == 1 else _concatenate(files, scratch / "batch.jsonl")
+                check(batch, new)
+                parts.append(batch)
+            traffic = None
+            if served is not None:
+                judged = judged_traffic(served, {c.key() for _, c in existing.rows} if existing else set())
+                traffic = FoldedTraffic(
+                    log=served, folded=judged.folded, left_out=judged.left_out, duplicates=judged.duplicates
+                )
+                log.info("traffic log %s: %s", served, traffic.model_dump(exclude={"log"}))
+                if judged.rows:
+                    write_jsonl(scratch / "traffic.jsonl", judged.rows)
+                    # However few, judged rows count; what cleaning drops of them is judged with the whole set.
+                    check(scratch / "traffic.jsonl", served, params.model_copy(update=JUDGED_TRAFFIC_RULES))
+                    parts.append(scratch / "traffic.jsonl")
+            if not parts:  # a traffic log with nothing judged fit to train on: the dataset stays as it is
+                version = previous[1] if previous else None
+                return IngestResult(
+                    dataset=train.parent,
+                    mode=mode,
+                    rows_before=before,
+                    rows_after=before,
+                    previous_version=version,
+                    version=version,
+                    traffic=traffic,
+                )
+            candidate = scratch / "candidate.jsonl"
+            added = [parse_jsonl(part, params.max_line_bytes) for part in parts]
+            if len({p.format for p in ([existing] if existing else []) + added}) == 1:
+                candidate.write_bytes(
+                    b"".join(_with_newline(f.read_bytes()) for f in ([train] if existing else []) + parts)
+                )
+            else:
+                write_jsonl(candidate, [c for p in ([existing] if existing else []) + added for _, c in p.rows])
             combined = check_split(params, base_model, max_seq_len, candidate, other=eval, **options)
             if not combined.ok:  # e.g. the new rows duplicate existing ones
                 raise InvalidData(DataReport(splits=[combined.model_copy(update={"path": train})]))
             # A hard link keeps the old file reachable without a moment where `train` is missing; it lives
             # outside the tracked folder so `dvc add` never versions it.
-            backup = candidate.with_suffix(".before")
+            backup = scratch / "before.jsonl"
             if train.exists():
                 os.link(train, backup)
             os.replace(candidate, train)  # atomic: readers see the old file or the new one, never half of one
@@ -109,11 +153,9 @@ def ingest_dataset(
                 if backup.exists():
                     os.replace(backup, train)
                 raise
-            backup.unlink(missing_ok=True)
         finally:
-            candidate.unlink(missing_ok=True)
-            candidate.with_suffix(".before").unlink(missing_ok=True)
-        if archive:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if archive and files:
             done = files[0].parent / "ingested" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             done.mkdir(parents=True)
             for f in files:
@@ -125,7 +167,13 @@ def ingest_dataset(
             rows_after=combined.rows_read,
             previous_version=previous[1] if previous else None,
             version=version,
+            traffic=traffic,
         )
+
+
+def _concatenate(files: list[Path], out: Path) -> Path:
+    out.write_bytes(b"".join(_with_newline(f.read_bytes()) for f in files))
+    return out
 
 
 def _with_newline(content: bytes) -> bytes:

@@ -2,13 +2,15 @@
 server with basic auth, a process worker and the MLflow UI on free loopback ports, with its own home and
 SQLite; the tests then use it through the API, the CLI and a headless Chromium on the Prefect UI.
 
-The module runs in order on one platform: the browser's custom run makes the first champion, the monitor
-finds drift and the automation retrains, two queued runs are serialized, and last the platform is killed
-and restarted to check nothing is left behind. Screenshots and measured timings go to `test-output/`.
+The module runs in order on one platform: the browser's custom run makes the first champion; `llmops serve`
+serves it, users' judged traffic drifts, the monitor finds it and the automation retrains on it, and the
+server switches to the new champion; two queued runs are serialized; last the platform is killed and
+restarted to check nothing is left behind. Screenshots and measured timings go to `test-output/`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +25,7 @@ from base64 import b64encode
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
@@ -31,7 +34,7 @@ from prefect.states import Cancelled
 
 from llmops import tracking
 from llmops.config import load_params
-from llmops.data import tracked_version
+from llmops.data import Conversation, Turn, read_conversations, tracked_version
 from tasks.bootstrap import build_incoming_batch
 from tests.conftest import PROJECT, make_dvc_project
 
@@ -144,7 +147,9 @@ def record(name: str, value) -> None:
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory, assets):
     folder = tmp_path_factory.mktemp("platform")
-    params_file = make_dvc_project(folder, assets, deploy__monitor_cron=None, deploy__drift_cooldown_minutes=10)
+    params_file = make_dvc_project(
+        folder, assets, deploy__monitor_cron=None, deploy__drift_cooldown_minutes=10, serve__poll_seconds=2
+    )
     platform = Platform(params_file)
     platform.start()
     yield platform
@@ -251,52 +256,114 @@ def test_the_drift_cli_exits_0_on_data_like_the_training_data(platform):
     assert retrain_runs(platform, "drift") == []
 
 
-def test_drift_from_the_monitor_starts_one_retrain_that_folds_the_batch_in(platform):
+@contextlib.contextmanager
+def serving(platform: Platform):
+    """`llmops serve` (what `make serve` runs) on the platform's registry, on a free port; yields its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "llmops.cli", "--params", str(platform.params_file), "serve", "--port", str(port)]
+    log = platform.params.work_dir / "serve.log"
+    with log.open("ab") as output:  # a file, not a pipe: a full pipe would block the server
+        server = subprocess.Popen(command, env=platform.cli_env(), stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                return httpx.get(f"{url}/health", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(healthy, 180, "llmops serve to answer /health", every=0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def ask(url: str, prompt) -> dict:
+    messages = [turn.as_message() for turn in prompt]
+    answer = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 16}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_the_loop_served_traffic_drifts_and_only_its_judged_rows_retrain_a_champion_that_goes_live(platform):
+    """The whole loop: users ask the champion about things it never saw and judge some answers; the hourly
+    monitor (run on demand) finds drift in what they ask; the automation retrains on the judged traffic alone;
+    the gate promotes; the server switches to the new version."""
     params = platform.params
-    incoming = params.monitor.incoming
-    build_incoming_batch(params.bootstrap, incoming / "batch-1.jsonl", drifted=True)
-    versions_before = len(
-        tracking.client_for(params.tracking).search_model_versions(f"name='{params.registry.model_name}'")
-    )
+    model = params.registry.model_name
+    champion = tracking.champion_version(params.tracking, params.registry)
     data_before = tracked_version(params.data.train)[1]
+    rows_before = read_conversations(params.data.train)
+    asked = build_incoming_batch(params.bootstrap, params.work_dir / "asked.jsonl", drifted=True)
+    questions = read_conversations(asked)
 
-    with platform.client(), get_client(sync_client=True) as client:
-        monitor_deployment = client.read_deployment_by_name("monitor/monitor")
-        monitor_run = client.create_flow_run_from_deployment(monitor_deployment.id)
-    monitor_run = finished(platform, monitor_run.id)
-    assert monitor_run.state.is_completed(), monitor_run.state
+    with serving(platform) as url:
+        answers = [ask(url, question.prompt) for question in questions]
+        assert {answer["model"] for answer in answers} == {f"{model}/{champion.version}"}
+        served = list(zip(questions, answers, strict=True))
+        corrected, rest = served[:16], served[16:]
+        liked = [(q, a) for q, a in rest if len(a["choices"][0]["message"]["content"].strip()) >= 2][:4]
+        rejected = [(q, a) for q, a in rest if (q, a) not in liked][:4]
+        judgments = [({"rating": "down", "correction": q.reference}, a) for q, a in corrected]
+        judgments += [({"rating": "up"}, a) for _, a in liked] + [({"rating": "down"}, a) for _, a in rejected]
+        for judgment, answer in judgments:
+            response = httpx.post(f"{url}/v1/feedback", json={"id": answer["id"], **judgment}, timeout=10)
+            assert response.status_code == 200, response.text
 
-    # A storm: 49 more drift events within seconds, as a flapping monitor or many producers would send.
-    events = [
-        {
-            "id": str(uuid.uuid4()),
-            "occurred": datetime.now(UTC).isoformat(),
-            "event": "llmops.drift.detected",
-            "resource": {"prefect.resource.id": f"llmops.dataset.{params.registry.model_name}"},
-            "payload": {"incoming": str(incoming)},
+        with platform.client(), get_client(sync_client=True) as client:
+            monitor_deployment = client.read_deployment_by_name("monitor/monitor")
+            monitor_run = client.create_flow_run_from_deployment(monitor_deployment.id)
+        monitor_run = finished(platform, monitor_run.id)
+        assert monitor_run.state.is_completed(), monitor_run.state
+
+        # A storm: 49 more drift events within seconds, as a flapping monitor or many producers would send.
+        events = [
+            {
+                "id": str(uuid.uuid4()),
+                "occurred": datetime.now(UTC).isoformat(),
+                "event": "llmops.drift.detected",
+                "resource": {"prefect.resource.id": f"llmops.dataset.{model}"},
+                "payload": {"incoming": str(params.monitor.incoming)},
+            }
+            for _ in range(49)
+        ]
+        request = urllib.request.Request(f"{platform.url}/api/events", data=json.dumps(events).encode(), method="POST")
+        request.add_header("Content-Type", "application/json")
+        request.add_header("Authorization", "Basic " + b64encode(AUTH.encode()).decode())
+        urllib.request.urlopen(request, timeout=10).close()
+
+        [drift_run] = wait_until(lambda: retrain_runs(platform, "drift"), 120, "the automation to start a retrain")
+        drift_run = finished(platform, drift_run.id)
+        assert drift_run.state.is_completed(), drift_run.state
+        assert drift_run.parameters["incoming"] == str(params.monitor.incoming.resolve())
+        record("drift_event_to_retrain_start_seconds", (drift_run.start_time - monitor_run.end_time).total_seconds())
+        EVENT_TO_RUN_SECONDS.append((drift_run.created - monitor_run.end_time).total_seconds())
+        record("drift_event_to_retrain_created_seconds", EVENT_TO_RUN_SECONDS[-1])
+        record("drift_retrain_run_seconds", drift_run.total_run_time.total_seconds())
+
+        # Trained on the judged traffic, and only on it: corrections as answers, liked answers as given.
+        assert tracked_version(params.data.train)[1] != data_before
+        added = read_conversations(params.data.train)[len(rows_before) :]
+        expected = {Conversation((*q.prompt, Turn("assistant", q.reference))) for q, _ in corrected}
+        expected |= {
+            Conversation((*q.prompt, Turn("assistant", a["choices"][0]["message"]["content"]))) for q, a in liked
         }
-        for _ in range(49)
-    ]
-    request = urllib.request.Request(f"{platform.url}/api/events", data=json.dumps(events).encode(), method="POST")
-    request.add_header("Content-Type", "application/json")
-    request.add_header("Authorization", "Basic " + b64encode(AUTH.encode()).decode())
-    urllib.request.urlopen(request, timeout=10).close()
+        assert set(added) == expected
 
-    [drift_run] = wait_until(lambda: retrain_runs(platform, "drift"), 120, "the automation to start a retrain")
-    drift_run = finished(platform, drift_run.id)
-    assert drift_run.state.is_completed(), drift_run.state
-    assert drift_run.parameters["incoming"] == str(incoming)
-    record("drift_event_to_retrain_start_seconds", (drift_run.start_time - monitor_run.end_time).total_seconds())
-    EVENT_TO_RUN_SECONDS.append((drift_run.created - monitor_run.end_time).total_seconds())
-    record("drift_event_to_retrain_created_seconds", EVENT_TO_RUN_SECONDS[-1])
-    record("drift_retrain_run_seconds", drift_run.total_run_time.total_seconds())
-
+        # The gate promoted the candidate, and the server switched to it.
+        new = tracking.champion_version(params.tracking, params.registry)
+        assert new.version != champion.version and new.tags["lineage.reason"] == "drift"
+        switched = wait_until(
+            lambda: ask(url, questions[0].prompt)["model"] == f"{model}/{new.version}",
+            params.serve.poll_seconds + 120,
+            "the server to switch to the new champion",
+        )
+        assert switched
     time.sleep(10)  # anything the storm could still start would be visible by now
     assert len(retrain_runs(platform, "drift")) == 1
-    client = tracking.client_for(params.tracking)
-    assert len(client.search_model_versions(f"name='{params.registry.model_name}'")) == versions_before + 1
-    assert tracked_version(params.data.train)[1] != data_before  # the batch was ingested and versioned
-    assert not list(incoming.glob("*.jsonl")) and list((incoming / "ingested").rglob("batch-1.jsonl"))
 
 
 def test_the_drift_cli_exits_1_on_drift_and_the_cooldown_holds(platform):

@@ -3,9 +3,10 @@
 import pytest
 
 from llmops.config import load_params
+from llmops.data import read_conversations
 from llmops.errors import LLMOpsError
 from tasks.bootstrap import build_incoming_batch
-from tasks.drift import champion_reference, detect_drift
+from tasks.drift import champion_reference, detect_drift, detect_traffic_drift
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,38 @@ def test_unversioned_reference_falls_back_to_the_recorded_file_or_says_it_is_gon
     assert champion_reference({"train": str(params.data.train)}, None) == params.data.train
     with pytest.raises(LLMOpsError, match="not versioned with DVC"):
         champion_reference({"train": str(tmp_path / "gone.jsonl")}, None)
+
+
+def serve_batch(folder, batch, version: str = "1"):
+    """A traffic log in which `version` was asked the batch's questions (and answered anything)."""
+    from datetime import UTC, datetime
+
+    from llmops.traffic import TrafficLog
+
+    log = TrafficLog(folder, sample_rate=1.0, max_bytes=10_000_000)
+    for conversation in read_conversations(batch):
+        messages = [turn.as_message() for turn in conversation.prompt]
+        log.append(TrafficLog.new_id("chatcmpl", datetime.now(UTC)), messages, "an answer", version=version)
+    return folder
+
+
+def test_served_prompts_about_new_things_are_drift_and_familiar_ones_are_not(champion, params, tmp_path):
+    drifted = build_incoming_batch(params.bootstrap, tmp_path / "drifted.jsonl", drifted=True)
+    familiar = build_incoming_batch(params.bootstrap, tmp_path / "same.jsonl", drifted=False)
+
+    def check(traffic, version="1"):
+        return detect_traffic_drift(params.monitor, params.data.train, traffic, version, champion, tmp_path / "out")
+
+    report = check(serve_batch(tmp_path / "drifted", drifted))
+    assert report.view == "prompts" and report.drifted, report.to_markdown()
+    assert report.incoming_rows == len(read_conversations(drifted))
+    assert "unseen_token_rate" in {c.name for c in report.checks if c.drifted}
+    assert report.scores()["perplexity_ratio"] > 1.1  # the champion finds the new questions less familiar
+    assert "prompts served by version 1" in report.to_markdown()
+
+    calm = check(serve_batch(tmp_path / "familiar", familiar))
+    assert not calm.drifted and calm.scores()["unseen_token_rate"] == 0.0, calm.to_markdown()
+    assert calm.scores()["perplexity_ratio"] < 1.1
+
+    other_version = check(tmp_path / "drifted", version="2")  # nothing this version served
+    assert other_version.incoming_rows == 0 and other_version.verdict == "too few rows to judge"

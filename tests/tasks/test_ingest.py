@@ -159,3 +159,39 @@ def test_ingest_reads_swaps_and_versions_under_the_dvc_lock(project):
         assert thread.is_alive() and params.data.train.read_bytes() == before
     thread.join(timeout=300)
     assert outcome["result"].rows_after == len(before.splitlines()) + len(NEW_ROWS)
+
+
+def test_judged_traffic_is_folded_in_once_beside_a_batch_and_unjudged_answers_never(project):
+    from datetime import UTC, datetime
+
+    from llmops.traffic import TrafficLog
+
+    params, root = project
+    incoming = root / "incoming"
+    log = TrafficLog(incoming / "traffic", sample_rate=1.0, max_bytes=100_000)
+    served = {}
+    for row in NEW_ROWS:  # the model answered every question wrong
+        served[row["prompt"]] = TrafficLog.new_id("chatcmpl", datetime.now(UTC))
+        log.append(served[row["prompt"]], [{"role": "user", "content": row["prompt"]}], "gold", version="1")
+    for row in NEW_ROWS[:4]:
+        assert log.feedback(served[row["prompt"]], "down", row["response"])  # corrected: the correction trains
+    for row in NEW_ROWS[4:6]:
+        assert log.feedback(served[row["prompt"]], "up", None)  # approved: the model's answer trains
+    assert log.feedback(served[NEW_ROWS[6]["prompt"]], "down", None)  # rejected, no correction: left out
+    batch = [{"prompt": f"What color is the okapi number {i}?", "response": "brown"} for i in range(10)]
+    (incoming / "batch.jsonl").write_bytes(jsonl(batch))  # prompt/response rows beside the chat-shaped traffic
+    before = read_conversations(params.data.train)
+
+    result = ingest(params, incoming, archive=True)
+    assert (result.traffic.folded, result.traffic.left_out, result.traffic.duplicates) == (6, 6, 0)
+    added = read_conversations(params.data.train)[len(before) :]
+    assert len(added) == result.rows_after - result.rows_before == len(batch) + 6
+    assert {Conversation.from_pair(r["prompt"], r["response"]) for r in NEW_ROWS[:4]} <= set(added)
+    assert {Conversation.from_pair(r["prompt"], "gold") for r in NEW_ROWS[4:6]} <= set(added)
+    assert not {c.last_user for c in added} & {r["prompt"] for r in NEW_ROWS[6:]}
+    assert tracked_version(params.data.train)[1] == result.version
+    assert not list(incoming.glob("*.jsonl")) and list((incoming / "traffic").glob("traffic-*.jsonl"))
+
+    again = ingest(params, incoming, archive=True)  # nothing judged since: the dataset stays as it is
+    assert (again.traffic.folded, again.traffic.duplicates) == (0, 6)
+    assert again.version == result.version and again.rows_after == again.rows_before == result.rows_after
