@@ -97,7 +97,10 @@ def _loader_class(config) -> type:
     that the blocks holding packed layers need no weight initialization. Some architectures' initializers
     reach into a layer's `.weight` (GPT-2's attention and MLP: `c_proj.weight`), which a packed layer does not
     have (`qweight`), and every packed weight comes from the checkpoint anyway. (The quantize stage checks
-    that no parameter was missing from it.)"""
+    that no parameter was missing from it.)
+
+    The subclass is still the library's architecture, not custom code: transformers applies its checkpoint key
+    renames (GPT-NeoX saves its `lm_head` as `embed_out`) only to classes it does not take for custom code."""
     quantization = getattr(config, "quantization_config", None) or {}
     if quantization.get("quant_method") != "gptq" or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         return AutoModelForCausalLM
@@ -109,7 +112,11 @@ def _loader_class(config) -> type:
                 module._is_hf_initialized = True  # transformers' own flag: skip this module's initializer
         base._initialize_missing_keys(self, is_quantized)
 
-    return type(base.__name__, (base,), {"_initialize_missing_keys": _initialize_missing_keys})
+    def is_custom_code(cls) -> bool:
+        return base.is_custom_code()
+
+    overrides = {"_initialize_missing_keys": _initialize_missing_keys, "is_custom_code": classmethod(is_custom_code)}
+    return type(base.__name__, (base,), overrides)
 
 
 def _not_found(name_or_path: str | Path, exc: Exception) -> LLMOpsError:

@@ -25,6 +25,8 @@ class Check(BaseModel, frozen=True):
 class GateDecision(BaseModel, frozen=True):
     passed: bool
     checks: list[Check]
+    quantization_method: str = ""  # the candidate's, as the quantize stage reports it
+    full_precision_layers: list[str] = []  # block layers GPTQ could not pack, left unquantized (relative names)
 
     @property
     def reasons(self) -> list[str]:
@@ -44,6 +46,19 @@ class GateDecision(BaseModel, frozen=True):
                 f"| {c.name} | {c.candidate:.4f} | {reference} | {c.threshold} | {'pass' if c.passed else 'FAIL'} |"
             )
         lines += ["", *[f"- {c.reason}" for c in self.checks]]
+        if self.quantization_method == "none":
+            lines += ["", "Not quantized (`quantize.method: none`): the merged model is deployed in full precision."]
+        elif self.full_precision_layers:
+            kept = ", ".join(f"`{name}`" for name in self.full_precision_layers)
+            lines += [
+                "",
+                f"Layers kept in full precision in every block ({self.quantization_method} cannot pack them): {kept}",
+            ]
+        elif self.quantization_method:
+            lines += [
+                "",
+                f"Layers kept in full precision: none ({self.quantization_method} quantized every block layer).",
+            ]
         return "\n".join(lines)
 
 
@@ -142,4 +157,9 @@ def decide(params: GateParams, report: EvalReport, quantization: QuantizeResult)
                 checks.append(_perplexity_vs_champion(cand.perplexity, champ.perplexity, params))
             else:
                 checks.append(_no_regression(metric, *_metric(cand, metric), *_metric(champ, metric), params))
-    return GateDecision(passed=all(c.passed for c in checks), checks=checks)
+    return GateDecision(
+        passed=all(c.passed for c in checks),
+        checks=checks,
+        quantization_method=quantization.method,
+        full_precision_layers=quantization.full_precision_layers,
+    )

@@ -18,6 +18,7 @@ from optimum.gptq.utils import get_block_name_with_pattern, get_layers
 from pydantic import BaseModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GPTQConfig, PreTrainedModel
+from transformers.core_model_loading import WeightConverter, rename_source_key
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from llmops.chat import render
@@ -193,11 +194,12 @@ def reload_complete(folder: Path, placement: Placement | None = None) -> PreTrai
     """
     placement = placement or resolve_placement()
     reloaded = load_model(folder, dtype=placement.dtype, device=placement.device)
+    state = reloaded.state_dict()
     saved: set[str] = set()
     for shard in folder.glob("*.safetensors"):
         with safe_open(shard, "pt") as handle:
-            saved |= set(handle.keys())
-    state = reloaded.state_dict()
+            keys = handle.keys()
+        saved |= {_loaded_name(reloaded, key, state) for key in keys}
     saved_storage = {state[key].data_ptr() for key in saved if key in state}  # tied weights are saved once
     missing = sorted(key for key, t in state.items() if key not in saved and t.data_ptr() not in saved_storage)
     if missing:
@@ -207,6 +209,16 @@ def reload_complete(folder: Path, placement: Placement | None = None) -> PreTrai
             "quantize.method: none to deploy the merged model."
         )
     return reloaded
+
+
+def _loaded_name(model: PreTrainedModel, checkpoint_key: str, state: dict[str, torch.Tensor]) -> str:
+    """A checkpoint key under the name the loader gave it, through the key renames it applied to this model
+    (GPT-NeoX's checkpoints hold its `lm_head` as `embed_out`). Only the renames the loader used count, so a
+    key it did not map stays unmatched, and the parameter it should have filled is reported missing."""
+    applied = getattr(model, "_weight_conversions", None) or []
+    converters = [t for t in applied if isinstance(t, WeightConverter)]
+    renamings = [t for t in applied if not isinstance(t, WeightConverter)]
+    return rename_source_key(checkpoint_key, renamings, converters, model.base_model_prefix, state)[0]
 
 
 def main() -> None:

@@ -31,15 +31,8 @@ def few_rows(assets, tmp_path_factory):
     ).require_valid()
 
 
-# GPT-NeoX's GPTQ folder reloads with a newly initialized output head: the reload check catches it, and the
-# quantize stage fails with that message instead of deploying it. A known bug until the save keeps the head.
-NEOX_RELOAD = pytest.mark.xfail(raises=LLMOpsError, strict=True, reason="GPTQ reload initializes GPT-NeoX's head")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "architecture", [pytest.param(a, marks=NEOX_RELOAD) if a == "gpt_neox" else a for a in ARCHITECTURES]
-)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_every_stage_runs_on_the_architecture(architecture, tiny_architectures, few_rows, tmp_path):
     base = str(tiny_architectures[architecture])
     adapter = finetune(FinetuneParams(epochs=1), base, few_rows, tmp_path / "ft", tmp_path / "ckpt")

@@ -139,3 +139,15 @@ def test_markdown_lists_every_check():
     text = decision.to_markdown()
     assert text.startswith("## Gate REJECTED")
     assert all(check.name in text for check in decision.checks)
+
+
+def test_markdown_names_the_layers_left_in_full_precision():
+    kept = QUANT.model_copy(update={"full_precision_layers": ["self_attn.k_proj", "self_attn.v_proj"]})
+    decision = decide(GateParams(), report(), kept)
+    assert decision.full_precision_layers == ["self_attn.k_proj", "self_attn.v_proj"]
+    assert "full precision in every block (gptq cannot pack them): `self_attn.k_proj`, `self_attn.v_proj`" in (
+        decision.to_markdown()
+    )
+    assert "Layers kept in full precision: none" in decide(GateParams(), report(), QUANT).to_markdown()
+    unquantized = QUANT.model_copy(update={"method": "none"})
+    assert "the merged model is deployed in full precision" in decide(GateParams(), report(), unquantized).to_markdown()

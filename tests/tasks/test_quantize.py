@@ -50,3 +50,17 @@ def test_a_reload_that_would_initialize_a_missing_parameter_fails(assets, tmp_pa
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LLMOpsError, match="model.layers.1.mlp.down_proj.weight"):
         reload_complete(broken)
+
+
+def test_the_reload_check_names_checkpoint_keys_as_the_loader_does(tiny_architectures, tmp_path):
+    # GPT-NeoX checkpoints hold the output head as `embed_out`; transformers loads it into `lm_head`.
+    neox = tiny_architectures["gpt_neox"]
+    weights = load_file(neox / "model.safetensors")
+    assert "embed_out.weight" in weights and "lm_head.weight" not in weights
+    assert reload_complete(neox).lm_head.weight.equal(weights["embed_out.weight"])
+    broken = tmp_path / "broken"
+    shutil.copytree(neox, broken)
+    del weights["embed_out.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LLMOpsError, match="lm_head.weight"):
+        reload_complete(broken)
