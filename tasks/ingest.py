@@ -131,13 +131,12 @@ def ingest_dataset(
                     traffic=traffic,
                 )
             candidate = scratch / "candidate.jsonl"
-            added = [parse_jsonl(part, params.max_line_bytes) for part in parts]
-            if len({p.format for p in ([existing] if existing else []) + added}) == 1:
-                candidate.write_bytes(
-                    b"".join(_with_newline(f.read_bytes()) for f in ([train] if existing else []) + parts)
-                )
+            sources = ([train] if existing else []) + parts  # the rows kept, then the new ones
+            parsed = [parse_jsonl(source, params.max_line_bytes) for source in sources]
+            if len({p.format for p in parsed}) == 1:  # one shape: the files' own bytes
+                _concatenate(sources, candidate)
             else:
-                write_jsonl(candidate, [c for p in ([existing] if existing else []) + added for _, c in p.rows])
+                write_jsonl(candidate, [c for p in parsed for _, c in p.rows])
             combined = check_split(params, base_model, max_seq_len, candidate, other=eval, **options)
             if not combined.ok:  # e.g. the new rows duplicate existing ones
                 raise InvalidData(DataReport(splits=[combined.model_copy(update={"path": train})]))
