@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from transformers import (
     GPTQConfig,
     PreTrainedModel,
 )
+from transformers.generation.streamers import BaseStreamer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from llmops.chat import IGNORE_INDEX, render, render_prompt
@@ -224,11 +225,18 @@ def generate(
     prompts: list[Sequence[Turn] | str],
     max_new_tokens: int,
     batch_size: int = 16,
+    on_text: Callable[[str], None] | None = None,
 ) -> list[Generation]:
     """Greedy next assistant turns of conversations (a plain string is one user turn), decoded without the
-    prompt. The prompt ids are `llmops.chat.render_prompt`'s: exactly those training put before an answer."""
+    prompt. The prompt ids are `llmops.chat.render_prompt`'s: exactly those training put before an answer.
+
+    `on_text`, for a single prompt, is called on this thread with each new piece of the answer as it is
+    generated; the pieces join to exactly the answer's text. An exception it raises ends the generation."""
+    if on_text is not None and len(prompts) != 1:
+        raise ValueError(f"on_text streams the answer to one prompt; got {len(prompts)} prompts.")
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     stops = stop_token_ids(tokenizer, model)
+    streamer = None if on_text is None else _TextPieces(tokenizer, stops, on_text)
     generations: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         rendered = [{"input_ids": render_prompt(tokenizer, p)} for p in prompts[start : start + batch_size]]
@@ -239,13 +247,44 @@ def generate(
             do_sample=False,
             eos_token_id=stops,
             pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
         )
-        for row in output[:, batch["input_ids"].shape[1] :].tolist():
-            end = next((i for i, token in enumerate(row) if token in stops), None)
-            stopped = end is not None
-            kept = row[:end]
-            generations.append(Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), stopped))
+        generations += [_answer(tokenizer, row, stops) for row in output[:, batch["input_ids"].shape[1] :].tolist()]
     return generations
+
+
+def _answer(tokenizer: PreTrainedTokenizerBase, new_ids: list[int], stops: list[int]) -> Generation:
+    """The answer in generated ids: up to the first stop token, decoded without special tokens."""
+    end = next((i for i, token in enumerate(new_ids) if token in stops), None)
+    return Generation(tokenizer.decode(new_ids[:end], skip_special_tokens=True).strip(), end is not None)
+
+
+class _TextPieces(BaseStreamer):
+    """transformers' streamer protocol for `generate(on_text=...)`: the first `put` is the prompt, then each
+    new token; `end` when generation stops. Each time, the answer so far is decoded as `_answer` decodes it,
+    less its last token, which may still change with the next (a character split over tokens; spacing the
+    tokenizer cleans up), and only what extends the text already sent goes out: the pieces join to exactly
+    the final `Generation.text`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[int], on_text: Callable[[str], None]):
+        self.tokenizer, self.stops, self.on_text = tokenizer, stops, on_text
+        self.ids: list[int] | None = None  # None until the prompt has gone by
+        self.sent = ""
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.ids is None:
+            self.ids = []
+            return
+        self.ids += value.reshape(-1).tolist()
+        self._send(_answer(self.tokenizer, self.ids[:-1], self.stops).text.rstrip("\ufffd"))
+
+    def end(self) -> None:
+        self._send(_answer(self.tokenizer, self.ids or [], self.stops).text)
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.on_text(text[len(self.sent) :])
+            self.sent = text
 
 
 @torch.no_grad()

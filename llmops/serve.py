@@ -4,8 +4,9 @@
   downloaded and loaded beside the one serving, checked to generate, and only then swapped in with one
   reference assignment. A request holds the version it started with until it answers, so nothing in flight
   fails; a version that fails to load is never swapped in, and the failure shows in `/health`.
-- `create_app` is the FastAPI app: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`,
-  `/v1/feedback`, with bearer-token access and size limits.
+- `create_app` is the FastAPI app: `/v1/chat/completions`, `/v1/completions` (whole, or streamed as
+  Server-Sent Events while generating), `/v1/models`, `/health`, `/v1/feedback`, with bearer-token access
+  and size limits.
 - Each exchange is appended, redacted, to the traffic log under the monitor's incoming folder, and feedback
   beside it (`llmops.traffic`): the monitor and the next retrain read them back.
 - `TextGenerator` is the MLflow model logged with each registered version: the same loading and generation
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import mlflow.pyfunc
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -64,9 +66,17 @@ def prompt_token_count(tokenizer, messages: Sequence[dict[str, str]]) -> int:
     return len(render_prompt(tokenizer, _conversation_prompt(messages)))
 
 
-def reply(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[Generation]:
-    """Greedy replies to conversations, stopping at EOS exactly as evaluation does."""
-    return generate(model, tokenizer, [_conversation_prompt(c) for c in conversations], max_new_tokens)
+def reply(
+    model,
+    tokenizer,
+    conversations: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    on_text: Callable[[str], None] | None = None,
+) -> list[Generation]:
+    """Greedy replies to conversations, stopping at EOS exactly as evaluation does; `on_text` streams the reply
+    to a single conversation piece by piece (`llmops.modeling.generate`)."""
+    prompts = [_conversation_prompt(c) for c in conversations]
+    return generate(model, tokenizer, prompts, max_new_tokens, on_text=on_text)
 
 
 def load_generator(folder: str | Path):
@@ -276,6 +286,22 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+    @classmethod
+    def crashed(cls, exc: Exception) -> APIError:
+        message = f"The server failed on this request ({type(exc).__name__}); its log has the details."
+        return cls(500, message, "server_error")
+
+
+class _ClientGone(Exception):
+    """Raised into a streamed generation whose client went away: it ends there and lets the lock go."""
+
+
+def _finish_reason(generation: Generation) -> str:
+    return "stop" if generation.stopped_at_eos else "length"
+
 
 class TextPart(BaseModel):
     type: Literal["text"] = "text"
@@ -340,8 +366,7 @@ def create_app(
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        body = {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": None}}
-        return JSONResponse(body, status_code=exc.status, headers=headers)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -351,8 +376,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request %s %s failed", request.method, request.url.path)
-        message = f"The server failed on this request ({type(exc).__name__}); its log has the details."
-        return await api_error(request, APIError(500, message, "server_error"))
+        return await api_error(request, APIError.crashed(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -367,8 +391,6 @@ def create_app(
 
     def budget(body: Sampling) -> int:
         """New tokens to generate for `body`; rejects what this server does not do."""
-        if body.stream:
-            raise APIError(400, "Streaming is not supported by this server; send stream: false.", param="stream")
         if body.n != 1:
             raise APIError(400, f"n={body.n}: this server returns one choice per request; send n: 1.", param="n")
         asked = body.max_completion_tokens or body.max_tokens
@@ -387,17 +409,23 @@ def create_app(
     async def on_generation_thread(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(generation_thread, fn, *args)
 
-    def answer(loaded: LoadedVersion, conversations: list[list[dict[str, str]]], max_new_tokens: int):
+    def prompt_tokens(loaded: LoadedVersion, conversations: list[list[dict[str, str]]]) -> list[int]:
+        """Prompt tokens of each conversation; one over serve.max_prompt_tokens is a 400."""
         with loaded.lock:
             counts = [prompt_token_count(loaded.tokenizer, c) for c in conversations]
-            for count in counts:
-                if count > settings.max_prompt_tokens:
-                    raise APIError(
-                        400,
-                        f"The prompt is {count} tokens, over this server's limit of {settings.max_prompt_tokens} "
-                        "(serve.max_prompt_tokens). Shorten it.",
-                        param="messages",
-                    )
+        for count in counts:
+            if count > settings.max_prompt_tokens:
+                raise APIError(
+                    400,
+                    f"The prompt is {count} tokens, over this server's limit of {settings.max_prompt_tokens} "
+                    "(serve.max_prompt_tokens). Shorten it.",
+                    param="messages",
+                )
+        return counts
+
+    def answer(loaded: LoadedVersion, conversations: list[list[dict[str, str]]], max_new_tokens: int):
+        counts = prompt_tokens(loaded, conversations)
+        with loaded.lock:
             generations = reply(loaded.model, loaded.tokenizer, conversations, max_new_tokens)
             completion = [len(loaded.tokenizer(g.text, add_special_tokens=False)["input_ids"]) for g in generations]
         usage = {"prompt_tokens": sum(counts), "completion_tokens": sum(completion)}
@@ -416,53 +444,133 @@ def create_app(
                 timestamp=now.isoformat(timespec="milliseconds"),
             )
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(body: ChatRequest) -> dict[str, Any]:
+    async def streamed_answer(
+        loaded: LoadedVersion,
+        conversation: list[dict[str, str]],
+        max_new_tokens: int,
+        response_id: str,
+        start: float,
+        now: datetime,
+    ) -> AsyncIterator[str | Generation]:
+        """The answer to one conversation piece by piece as it is generated, then the whole `Generation`,
+        logged as a non-streamed answer is. Generation runs on the generation thread under the version's lock;
+        if the stream is dropped (its client went away), it ends at its next piece and lets the lock go."""
+        loop, pieces, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+        def send(piece: str) -> None:
+            if gone.is_set():
+                raise _ClientGone
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        def run() -> Generation | None:
+            try:
+                with loaded.lock:
+                    return reply(loaded.model, loaded.tokenizer, [conversation], max_new_tokens, on_text=send)[0]
+            except _ClientGone:
+                log.info("%s: the client went away mid-stream; its generation stopped there", response_id)
+                return None
+            finally:
+                loop.call_soon_threadsafe(pieces.put_nowait, None)  # queued after every piece: their end
+
+        job = loop.run_in_executor(generation_thread, run)
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield piece
+            generation = await job
+        finally:
+            gone.set()
+        record(response_id, conversation, generation.text, loaded, start, now)
+        yield generation
+
+    def event_stream(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+        """Chunks as Server-Sent Events, then `data: [DONE]`, as OpenAI streams them. A failure once the stream
+        has begun (its 200 sent) ends it with an error event in OpenAI's error shape, which its clients raise."""
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            except Exception as exc:
+                log.exception("a streamed answer failed")
+                yield f"data: {json.dumps(APIError.crashed(exc).body())}\n\n"
+                return
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)], response_model=None)
+    async def chat_completions(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
         start, now = time.perf_counter(), datetime.now(UTC)
         loaded = serving()
         conversation = [m.plain() for m in body.messages]
-        [generation], usage = await on_generation_thread(answer, loaded, [conversation], budget(body))
+        max_new_tokens = budget(body)
         response_id = TrafficLog.new_id("chatcmpl", now)
+        head = {"id": response_id, "created": int(now.timestamp()), "model": loaded.name}
+        if body.stream:
+            await on_generation_thread(prompt_tokens, loaded, [conversation])  # too long: a 400, before the stream
+
+            def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                yield chunk({"role": "assistant"})
+                async for piece in streamed_answer(loaded, conversation, max_new_tokens, response_id, start, now):
+                    yield chunk({"content": piece}) if isinstance(piece, str) else chunk({}, _finish_reason(piece))
+
+            return event_stream(chunks())
+        [generation], usage = await on_generation_thread(answer, loaded, [conversation], max_new_tokens)
         record(response_id, conversation, generation.text, loaded, start, now)
         return {
-            "id": response_id,
+            **head,
             "object": "chat.completion",
-            "created": int(now.timestamp()),
-            "model": loaded.name,
             "choices": [
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": generation.text},
-                    "finish_reason": "stop" if generation.stopped_at_eos else "length",
+                    "finish_reason": _finish_reason(generation),
                 }
             ],
             "usage": usage,
         }
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(body: CompletionRequest) -> dict[str, Any]:
+    @app.post("/v1/completions", dependencies=[Depends(authorized)], response_model=None)
+    async def completions(body: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         start, now = time.perf_counter(), datetime.now(UTC)
         loaded = serving()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt is an empty list; send a string or a list of strings.", param="prompt")
         conversations = [[{"role": "user", "content": p}] for p in prompts]
-        generations, usage = await on_generation_thread(answer, loaded, conversations, budget(body))
+        max_new_tokens = budget(body)
         response_id = TrafficLog.new_id("cmpl", now)
+        head = {"id": response_id, "object": "text_completion", "created": int(now.timestamp()), "model": loaded.name}
+        if body.stream:
+            if len(prompts) != 1:
+                raise APIError(
+                    400,
+                    f"stream: true answers one prompt, and this request has {len(prompts)}; stream with one prompt, "
+                    "or send stream: false to have them all answered at once.",
+                    param="prompt",
+                )
+            await on_generation_thread(prompt_tokens, loaded, conversations)  # too long: a 400, before the stream
+
+            def chunk(text: str, finish_reason: str | None = None) -> dict[str, Any]:
+                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                return {**head, "choices": [choice]}
+
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                async for piece in streamed_answer(loaded, conversations[0], max_new_tokens, response_id, start, now):
+                    yield chunk(piece) if isinstance(piece, str) else chunk("", _finish_reason(piece))
+
+            return event_stream(chunks())
+        generations, usage = await on_generation_thread(answer, loaded, conversations, max_new_tokens)
         for conversation, generation in zip(conversations, generations, strict=True):
             record(response_id, conversation, generation.text, loaded, start, now)
         return {
-            "id": response_id,
-            "object": "text_completion",
-            "created": int(now.timestamp()),
-            "model": loaded.name,
+            **head,
             "choices": [
-                {
-                    "index": index,
-                    "text": g.text,
-                    "logprobs": None,
-                    "finish_reason": "stop" if g.stopped_at_eos else "length",
-                }
+                {"index": index, "text": g.text, "logprobs": None, "finish_reason": _finish_reason(g)}
                 for index, g in enumerate(generations)
             ],
             "usage": usage,

@@ -29,6 +29,7 @@ from tests.conftest import PROJECT, write_params
 
 PASS = GateDecision(passed=True, checks=[])
 CHAT = {"messages": [{"role": "user", "content": "What color is the tiger?"}], "max_tokens": 4}
+STORY = "Tell me a story about the sea and the sky."  # the tiny model answers it in many words, not one
 
 
 def serve_params(tmp_path: Path, assets: Path, **serve):
@@ -191,6 +192,7 @@ def test_api_key_is_required_when_set(served):
     assert client.get("/v1/models").status_code == 401
     good = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer s3cret"})
     assert good.status_code == 200
+    assert client.post("/v1/chat/completions", json={**CHAT, "stream": True}).status_code == 401
 
 
 def test_bad_requests_get_400_naming_the_problem(served):
@@ -198,13 +200,14 @@ def test_bad_requests_get_400_naming_the_problem(served):
     too_many = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 9})
     assert too_many.status_code == 400 and "serve.max_tokens" in too_many.json()["error"]["message"]
     long_prompt = {"messages": [{"role": "user", "content": "tiger " * 50}]}
-    too_long = client.post("/v1/chat/completions", json=long_prompt)
-    assert too_long.status_code == 400 and "serve.max_prompt_tokens" in too_long.json()["error"]["message"]
+    for stream in (False, True):  # a stream is refused before it starts, with the same JSON error
+        too_long = client.post("/v1/chat/completions", json={**long_prompt, "stream": stream})
+        assert too_long.status_code == 400 and "serve.max_prompt_tokens" in too_long.json()["error"]["message"]
     malformed = client.post(
         "/v1/chat/completions", content=b'{"messages": [', headers={"Content-Type": "application/json"}
     )
     assert malformed.status_code == 400 and "Invalid request" in malformed.json()["error"]["message"]
-    for body in ({}, {"messages": []}, {"messages": [{"role": "robot", "content": "x"}]}, {**CHAT, "stream": True}):
+    for body in ({}, {"messages": []}, {"messages": [{"role": "robot", "content": "x"}]}, {**CHAT, "n": 2}):
         response = client.post("/v1/chat/completions", json=body)
         assert response.status_code == 400, (body, response.text)
     assert client.post("/v1/completions", json={"prompt": 3}).status_code == 400
@@ -234,6 +237,73 @@ def test_traffic_is_logged_redacted_and_takes_feedback(served):
     )
     assert client.post("/v1/feedback", json={"id": "chatcmpl-20260101T00-x", "rating": "up"}).status_code == 404
     assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "meh"}).status_code == 400
+
+
+def stream_chunks(response) -> list[dict]:
+    """The chunks of a streamed answer, checked to be Server-Sent Events `data:` lines that end with [DONE]."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = response.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: ") for e in events[:-1]), events
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert len({c["id"] for c in chunks}) == 1 and {c["model"] for c in chunks} == {"llmops-demo/1"}
+    assert [c["choices"][0]["finish_reason"] is None for c in chunks] == [True] * (len(chunks) - 1) + [False]
+    return chunks
+
+
+def logged_answer(params, response_id: str) -> str:
+    [row] = [r for r in traffic_rows(params) if r["id"] == response_id]
+    assert row["model"] == "llmops-demo/1"
+    return row["messages"][-1]["content"]
+
+
+def test_chat_streams_the_greedy_answer_as_it_is_generated_and_logs_it(served):
+    client, params = served()
+    request = {"messages": [{"role": "user", "content": STORY}], "max_tokens": 24}
+    whole = client.post("/v1/chat/completions", json=request).json()["choices"][0]
+    chunks = stream_chunks(client.post("/v1/chat/completions", json={**request, "stream": True}))
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant"} and deltas[-1] == {}
+    pieces = [d["content"] for d in deltas[1:-1]]
+    assert len(pieces) > 1 and "".join(pieces) == whole["message"]["content"], pieces  # sent piece by piece
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+
+    assert logged_answer(params, chunks[0]["id"]) == whole["message"]["content"]
+    assert client.post("/v1/feedback", json={"id": chunks[0]["id"], "rating": "up"}).status_code == 200
+
+
+def test_completions_stream_one_prompt(served):
+    client, params = served()
+    request = {"prompt": STORY, "max_tokens": 24}
+    whole = client.post("/v1/completions", json=request).json()["choices"][0]
+    chunks = stream_chunks(client.post("/v1/completions", json={**request, "stream": True}))
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    pieces = [c["choices"][0]["text"] for c in chunks]
+    assert len(pieces) > 2 and "".join(pieces) == whole["text"] and pieces[-1] == "", pieces
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+    assert logged_answer(params, chunks[0]["id"]) == whole["text"]
+
+    several = client.post("/v1/completions", json={"prompt": ["a", "b"], "stream": True})
+    assert several.status_code == 400 and "stream with one prompt" in several.json()["error"]["message"]
+
+
+def test_a_dropped_stream_lets_the_version_go(tmp_path, assets, shared_registry):
+    params = serve_params(tmp_path, assets).model_copy(update={"tracking": shared_registry})
+    app, follower = build(params, api_key=None)
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        request = {
+            "messages": [{"role": "user", "content": STORY}],
+            "max_tokens": params.serve.max_tokens,
+            "stream": True,
+        }
+        with client.stream("POST", "/v1/chat/completions", json=request) as response:
+            first = json.loads(next(response.iter_lines()).removeprefix("data: "))
+            assert first["choices"][0]["delta"] == {"role": "assistant"}
+        # The client hung up mid-stream: generation ends (or finishes) and lets go of the version's lock.
+        assert follower.current.lock.acquire(timeout=30)
+        follower.current.lock.release()
+        assert client.post("/v1/chat/completions", json=CHAT).json()["model"] == "llmops-demo/1"
 
 
 def test_traffic_sampling_and_size_cap(served):
@@ -317,6 +387,7 @@ def test_llmops_serve_answers_from_the_champion(tmp_path, assets):
     with log.open("w") as output:  # a file, not a pipe: a full pipe would block the server
         server = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=output, stderr=output)
     headers = {"Authorization": "Bearer k3y"}
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -331,6 +402,10 @@ def test_llmops_serve_answers_from_the_champion(tmp_path, assets):
         assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT).status_code == 401
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, headers=headers, timeout=60)
         assert answer.status_code == 200 and answer.json()["model"] == "llmops-demo/1"
+        stream = {**CHAT, "stream": True}
+        chunks = stream_chunks(httpx.post(f"{url}/v1/chat/completions", json=stream, headers=headers, timeout=60))
+        streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert streamed == answer.json()["choices"][0]["message"]["content"]
     finally:
         server.terminate()
         server.wait(timeout=30)
