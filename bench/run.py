@@ -30,7 +30,14 @@ from llmops.chat import render_prompt
 from llmops.config import EvaluateParams, FinetuneParams, MergeParams, QuantizeParams, ValidateParams
 from llmops.data import Conversation, DatasetRef, read_conversations, write_jsonl
 from llmops.devices import GPTQ_KERNELS
-from llmops.modeling import folder_size_bytes, generate, load_model, load_tokenizer, response_perplexity
+from llmops.modeling import (
+    folder_size_bytes,
+    generate,
+    load_model,
+    load_tokenizer,
+    response_perplexity,
+    stop_token_ids,
+)
 from tasks.bootstrap import world
 from tasks.evaluate import evaluate_models
 from tasks.finetune import finetune
@@ -355,7 +362,8 @@ def flow_figures() -> list[Figure]:
 
 def serve_figures(demo) -> list[Figure]:
     """`llmops serve` (HTTP, JSON, auth, limits, traffic log) against plain transformers generate on the same
-    model and prompts, one request at a time; then the latencies around a champion switch."""
+    model (the real SmolLM2-135M-Instruct, as a team would serve) and prompts, one request at a time; then the
+    latencies around a champion switch."""
     import threading
 
     import httpx
@@ -381,7 +389,7 @@ def serve_figures(demo) -> list[Figure]:
             mlflow_run_id=run_id,
             reason="bench",
         )
-        promote(params.registry, params.tracking, GateDecision(passed=True, checks=[]), BASE, lineage)
+        promote(params.registry, params.tracking, GateDecision(passed=True, checks=[]), REAL_MODEL, lineage)
 
     register()
     prompts = [c.prompt for c in read_conversations(demo.eval)][:32]
@@ -400,17 +408,16 @@ def serve_figures(demo) -> list[Figure]:
         response.raise_for_status()
         return seconds, response.json()["usage"]["completion_tokens"]
 
-    model, tokenizer = load_model(BASE), load_tokenizer(BASE)
+    model, tokenizer = load_model(REAL_MODEL), load_tokenizer(REAL_MODEL)
+    stops = stop_token_ids(tokenizer, model)  # the server's: every id that ends an answer
 
     def plain(prompt) -> tuple[float, int]:
         def run() -> int:
             ids = {"input_ids": torch.tensor([render_prompt(tokenizer, prompt)])}
             with torch.no_grad():
-                out = model.generate(
-                    **ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id
-                )
+                out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops)
             new = out[0, ids["input_ids"].shape[1] :].tolist()
-            return new.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in new else len(new)
+            return next((i for i, token in enumerate(new) if token in stops), len(new))
 
         return timed(run)
 
@@ -444,7 +451,10 @@ def serve_figures(demo) -> list[Figure]:
         return statistics.quantiles([s * 1000 for s, _ in pairs], n=100)[int(q) - 1]
 
     steady = statistics.median(s for s, _ in served) * 1000
-    what = f"{len(prompts)} eval prompts x {REPEATS}, one request at a time, greedy, up to {max_new_tokens} new tokens"
+    what = (
+        f"SmolLM2-135M-Instruct, {len(prompts)} eval prompts x {REPEATS}, one request at a time, greedy, up to "
+        f"{max_new_tokens} new tokens"
+    )
     return [
         Figure(
             "serve_tokens_per_second",
