@@ -5,10 +5,15 @@ object on the last line of stdout."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,11 @@ from llmops.config import DEFAULT_PARAMS, Params, load_params, parse_overrides
 from llmops.data import dvc_root, track
 from llmops.errors import LLMOpsError
 from llmops.files import mask_secrets
+
+# At exit the interpreter's collector would sweep every object that torch, transformers, Great Expectations
+# and Prefect made (seconds after the answer is printed) only for the memory to go back with the process:
+# frozen objects are left out of the sweep. Every other exit step (atexit, flushing, logging) runs as usual.
+atexit.register(gc.freeze)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +141,40 @@ def _prepare_prefect(params: Params) -> None:
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(params.work_dir / "prefect-results"))
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """For a block that imports the flow's libraries: their millions of objects live until exit, and the
+    cyclic collector would sweep them over and over as they arrive (about a second of a cached rerun)."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _start_prefect_server() -> Callable[[], None]:
+    """With no PREFECT_API_URL, Prefect starts a temporary API server as the flow begins, and waits seconds
+    for it to answer. Start that same server now, in the background: it boots in its own process while this
+    one imports the flow's modules, and the flow's client finds it running. Returns the wait for it."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return lambda: None  # a real server: nothing to start
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 - the flow's client starts it again and reports what fails
+            logging.getLogger(__name__).debug("early start of Prefect's temporary server failed", exc_info=True)
+
+    starting = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    starting.start()
+    return starting.join
+
+
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from tasks.bootstrap import build_base_model, build_demo_dataset, build_incoming_batch
 
@@ -162,8 +206,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     with console.capture(params.work_dir, verbose=args.verbose) as terminal:
         where = "this terminal (-v)" if args.verbose else "the run's log file, named at the end"
         print(f"llmops run: library output goes to {where}", file=terminal, flush=True)
-        from flows.retrain import retrain
+        with _collector_paused():
+            server_started = _start_prefect_server()
+            from flows.retrain import retrain
 
+        server_started()
         summary = retrain(params_file=str(args.params), overrides=overrides, reason=args.reason)
     if args.json:
         print(json.dumps({"ok": True, **summary.model_dump(mode="json")}))

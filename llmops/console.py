@@ -3,18 +3,26 @@
 The terminal gets one line per finished stage, a progress bar while finetune trains, then the gate table
 and the registry line. Everything else (library banners and warnings, progress bars, Prefect's and
 Great Expectations' log lines, child processes' output) goes to the run's log file: while the run lasts,
-file descriptors 1 and 2 themselves point at that file, so output written below Python (C extensions,
-subprocesses) is caught too. The file starts under `<work_dir>/logs/` and moves to `<run folder>/run.log`
-as soon as the run has one; the MLflow run keeps a copy. Warnings and errors of this project's own code
-still reach the terminal; `-v` shows everything there instead, as before.
+file descriptors 1 and 2 themselves point into it, so output written below Python (C extensions,
+subprocesses) is caught too. They point at a pipe whose reader appends to the file with credentials masked
+(`postgresql://user:***@host`): a password a library prints, as MLflow prints its tracking URI, never
+reaches the disk. The file starts under `<work_dir>/logs/` and moves to `<run folder>/run.log` as soon as
+the run has one; the MLflow run keeps a copy. Warnings and errors of this project's own code still reach
+the terminal; `-v` shows everything there instead, as before.
 """
 
 from __future__ import annotations
 
+import array
+import contextlib
+import fcntl
 import logging
 import os
 import re
+import select
 import sys
+import termios
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,11 +30,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from llmops.files import mask_secrets
+
 PROGRESS = "llmops.progress"  # the logger of the per-stage lines
 _OURS = ("llmops", "tasks", "flows")
 _TRAINING_STEP = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.naninf]+)(?:\s+tokens (\d+))?")
 
 _log_file: Path | None = None
+_sink: _MaskedLog | None = None
 
 
 def log_file() -> Path | None:
@@ -42,11 +53,63 @@ def move_log(run_dir: Path) -> Path | None:
     target = run_dir / "run.log"
     if _log_file != target:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _log_file.rename(target)  # same inode: the redirected descriptors keep writing into it
+        _log_file.rename(target)  # same inode: the masking thread keeps writing into it
         _log_file = target
     sys.stdout.flush()
     sys.stderr.flush()
+    if _sink is not None:
+        _sink.catch_up()  # what was written so far is in the file when the caller reads it
     return _log_file
+
+
+class _MaskedLog:
+    """The pipe that descriptors 1 and 2 write into, and the thread that appends what arrives to the log
+    file with credentials masked. A credential never spans whitespace, so each piece is masked and written
+    up to its last whitespace; the rest waits for the next piece (or the end)."""
+
+    def __init__(self, path: Path) -> None:
+        self._read, self.write_fd = os.pipe()
+        self._file = path.open("ab", buffering=0)
+        self._pending = b""
+        self._open = True
+        self._lock = threading.Lock()  # held while a piece is read and written: see catch_up
+        # A daemon: children that inherited the pipe (Prefect's temporary server) may write until exit.
+        threading.Thread(target=self._copy, name="llmops-log", daemon=True).start()
+
+    def _copy(self) -> None:
+        while self._open:
+            select.select([self._read], [], [])
+            with self._lock:
+                piece = os.read(self._read, 1 << 16)
+                cut = max(piece.rfind(space) for space in (b"\n", b"\r", b" ", b"\t")) + 1
+                if not piece:  # every writer is gone
+                    self._write(self._pending)
+                    self._open = False
+                    os.close(self._read)
+                    self._file.close()
+                elif cut:
+                    self._write(self._pending + piece[:cut])
+                    self._pending = piece[cut:]
+                else:
+                    self._pending += piece
+
+    def _write(self, data: bytes) -> None:
+        text = mask_secrets(data.decode("utf-8", "surrogateescape"))
+        with contextlib.suppress(OSError):  # a full disk must not stop the copying: writers would block
+            self._file.write(text.encode("utf-8", "surrogateescape"))
+
+    def catch_up(self, timeout: float = 5.0) -> None:
+        """Return once everything written into the pipe so far is in the file (a trailing partial word aside)."""
+        unread = array.array("i", [0])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._open:
+                    return
+                fcntl.ioctl(self._read, termios.FIONREAD, unread)
+                if unread[0] == 0:
+                    return
+            time.sleep(0.005)
 
 
 class _Terminal(logging.Handler):
@@ -108,7 +171,7 @@ class _Terminal(logging.Handler):
 def capture(work_dir: Path, verbose: bool) -> Iterator[TextIO]:
     """For the block: everything to the run's log file, the readable part to the terminal (yielded, for the
     command's own output). With `verbose`, nothing is redirected."""
-    global _log_file
+    global _log_file, _sink
     if verbose:
         yield sys.stdout
         return
@@ -121,9 +184,10 @@ def capture(work_dir: Path, verbose: bool) -> Iterator[TextIO]:
     terminal = open(os.dup(2), "w", buffering=1, closefd=True)  # noqa: SIM115 - closed below
     handler = _Terminal(terminal)
     root = logging.getLogger()
-    with _log_file.open("ab") as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
+    _sink = _MaskedLog(_log_file)
+    os.dup2(_sink.write_fd, 1)
+    os.dup2(_sink.write_fd, 2)
+    os.close(_sink.write_fd)
     root.addHandler(handler)
     logging.getLogger(PROGRESS).setLevel(logging.INFO)
     try:
@@ -139,4 +203,6 @@ def capture(work_dir: Path, verbose: bool) -> Iterator[TextIO]:
         os.dup2(saved[1], 2)
         for fd in saved:
             os.close(fd)
+        _sink.catch_up()
+        _sink = None
         terminal.close()

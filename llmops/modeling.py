@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -18,7 +19,6 @@ from transformers import (
     AutoTokenizer,
     BitsAndBytesConfig,
     GPTQConfig,
-    PreTrainedModel,
 )
 from transformers.generation.streamers import BaseStreamer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -27,6 +27,9 @@ from llmops.chat import IGNORE_INDEX, render, render_prompt
 from llmops.data import Conversation, Turn
 from llmops.devices import GPTQ_KERNELS
 from llmops.errors import LLMOpsError
+
+if TYPE_CHECKING:  # importing it loads all of transformers' modelling code: seconds a cached run never needs
+    from transformers import PreTrainedModel
 
 # Evaluation scores whole conversations: the validate stage already fit every row to finetune.max_seq_len.
 EVAL_MAX_SEQ_LEN = 4096

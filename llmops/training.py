@@ -3,7 +3,9 @@
 `tasks/finetune.py` runs this module in a child process (`python -m llmops.training JOB.json`): directly
 for one process, or through the DeepSpeed launcher for N ranks on one or several hosts, so both run exactly
 this code. The child imports nothing of the orchestrator, and whatever kills it (OOM, kill -9, a crashed
-kernel) leaves the flow standing to report it and retry from the newest checkpoint.
+kernel) leaves the flow standing to report it and retry from the newest checkpoint. The parent imports
+this module for the job's types and the layer check only: `train` imports the Trainer and PEFT itself, so a
+flow whose finetune comes from the cache never loads them.
 """
 
 from __future__ import annotations
@@ -17,15 +19,14 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from pydantic import BaseModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
-from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from llmops.config import DistributedParams, FinetuneParams, LoraParams
@@ -33,6 +34,9 @@ from llmops.data import read_conversations
 from llmops.devices import DeviceChoice, DtypeChoice, resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.modeling import IGNORE_INDEX, collate, encode_conversation, load_model, load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 log = logging.getLogger("llmops.training")
 
@@ -203,19 +207,20 @@ class _Batcher:
         return (collate_packed if self.packed else collate)(batch, self.pad_token_id)
 
 
-class _LogProgress(TrainerCallback):
+def _log_progress(batcher: _Batcher) -> TrainerCallback:
     """One log line about every 5% of training: the parent streams it to the flow's logs (and `llmops run`
     draws its progress bar from it: steps, loss, and rank 0's tokens so far for the rate)."""
+    from transformers import TrainerCallback
 
-    def __init__(self, batcher: _Batcher) -> None:
-        self.batcher = batcher
+    class LogProgress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
+            every = max(1, state.max_steps // 20)
+            on_schedule = state.global_step % every == 0 or state.global_step == state.max_steps
+            if state.is_world_process_zero and logs and "loss" in logs and on_schedule:
+                step, steps, loss, tokens = state.global_step, state.max_steps, logs["loss"], batcher.tokens
+                log.info("step %d/%d  loss %.4f  tokens %d", step, steps, loss, tokens)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
-        every = max(1, state.max_steps // 20)
-        on_schedule = state.global_step % every == 0 or state.global_step == state.max_steps
-        if state.is_world_process_zero and logs and "loss" in logs and on_schedule:
-            step, steps, loss, tokens = state.global_step, state.max_steps, logs["loss"], self.batcher.tokens
-            log.info("step %d/%d  loss %.4f  tokens %d", step, steps, loss, tokens)
+    return LogProgress()
 
 
 def newest_complete_checkpoint(folder: Path) -> Path | None:
@@ -263,6 +268,10 @@ def deepspeed_config(distributed: DistributedParams) -> dict:
 def train(job: TrainingJob) -> TrainingOutcome:
     """Train the adapter, checkpointing every `checkpoint_steps` and resuming from the newest complete
     checkpoint in `job.checkpoint_dir`; all ranks take part in saving, rank 0 writes the files."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_callback import PrinterCallback
+
     params = job.params
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     placement = resolve_placement(job.device, job.dtype)
@@ -339,8 +348,8 @@ def train(job: TrainingJob) -> TrainingOutcome:
 
     batcher = _Batcher(tokenizer.pad_token_id, params.packing)
     trainer = Trainer(model=model, args=args, train_dataset=sequences, data_collator=batcher)
-    trainer.remove_callback(PrinterCallback)  # it prints every step's dict; _LogProgress says enough
-    trainer.add_callback(_LogProgress(batcher))
+    trainer.remove_callback(PrinterCallback)  # it prints every step's dict; _log_progress says enough
+    trainer.add_callback(_log_progress(batcher))
     resume_from = newest_complete_checkpoint(job.checkpoint_dir)
     if resume_from:
         log.info("resuming from %s", resume_from)

@@ -10,9 +10,7 @@ import math
 import statistics
 from pathlib import Path
 
-import sacrebleu
 from pydantic import BaseModel
-from rouge_score import rouge_scorer
 
 from llmops.config import EvaluateParams, dvc_stage_args
 from llmops.data import Conversation, DatasetRef, read_conversations
@@ -67,6 +65,9 @@ def score_model(
     """Perplexity of the assistant turns, then greedy generations of the last one scored against it, on
     `placement` (the device policy; `auto` if not given). `chat_template` replaces the model's own
     (data.chat_template, for the base model)."""
+    import sacrebleu  # here, not above: with rouge_score (nltk, scikit-learn), imports a cached run never needs
+    from rouge_score import rouge_scorer
+
     placement = placement or resolve_placement()
     tokenizer = load_tokenizer(model_path, chat_template)
     model = load_model(model_path, dtype=placement.dtype, device=placement.device)

@@ -17,11 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftModel
 from pydantic import BaseModel
-from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from llmops.chat import render_prompt
@@ -32,6 +31,9 @@ from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
 from llmops.modeling import load_model, load_tokenizer
 from tasks.finetune import FinetuneResult
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ def merge_adapter(
     Raises:
         MergeFidelityError: the merged weights do not reproduce the adapter model within `params`' bounds.
     """
+    from peft import PeftModel  # here, not at the top: seconds of imports that a cached merge never needs
+
     base = base_model if isinstance(base_model, ModelParams) else ModelParams(base=base_model)
     base_model, options = base.base, {"revision": base.revision, "trust_remote_code": base.trust_remote_code}
     tokenizer = load_tokenizer(base_model, data.chat_template, **options)  # saved with the model: serving renders alike

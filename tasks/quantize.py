@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from optimum.gptq.utils import get_block_name_with_pattern, get_layers
 from pydantic import BaseModel
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, GPTQConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GPTQConfig
 from transformers.core_model_loading import WeightConverter, rename_source_key
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -36,6 +36,9 @@ from llmops.modeling import (
     response_perplexity,
 )
 from tasks.merge import MergeResult
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,9 @@ def packable_block_layers(model: PreTrainedModel, group_size: int) -> tuple[list
     """The block layers (names relative to a block: `self_attn.q_proj`, `attn.c_attn`) GPTQ can pack, and
     those it cannot: the packed kernels need both widths to be multiples of 32, and the input width to be a
     multiple of the group size. A name is packable only if it is in every block."""
+    # Here, not above: importing optimum.gptq loads GPTQModel (seconds, and a banner), which a cached run skips.
+    from optimum.gptq.utils import get_block_name_with_pattern, get_layers
+
     prefix = get_block_name_with_pattern(model)
     widths: dict[str, set[tuple[int, int]]] = {}
     for name, layer in get_layers(model, prefix=prefix).items():

@@ -375,6 +375,19 @@ def test_status_lineage_rollback_and_help_answer_without_importing_ml_libraries(
     assert status["reason"] == "manual rollback"
 
 
+# What only finetune, merge, quantize and evaluate use: an unchanged rerun takes the first three from the cache
+# and never reaches evaluate, so it must not pay for importing them (seconds at every start).
+STAGE_ONLY = ("peft", "transformers.modeling_utils", "transformers.trainer", "optimum", "gptqmodel", "rouge_score")
+
+
+def test_the_flow_imports_no_library_that_only_a_cached_stage_needs():
+    from tests.conftest import PROJECT
+
+    code = f"import sys, flows.retrain; print([name for name in {STAGE_ONLY!r} if name in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 # Gate settings any trained candidate passes: the tests below are about who promotes when, not quality.
 LENIENT_GATE = [
     "gate.floors={}",
@@ -430,7 +443,9 @@ def test_two_runs_at_once_promote_one_after_the_other(tmp_path, assets):
 @pytest.mark.slow
 def test_a_password_in_the_tracking_uri_is_never_stored_or_printed(tmp_path, assets):
     """With LLMOPS_TRACKING_URI carrying a password (a tracking server behind basic auth), the run works and
-    the password is nowhere: not in the MLflow store, its artifacts, the work folder or the output."""
+    the password is nowhere: not in the MLflow store, its artifacts, the work folder or the output. Not even
+    in the run's log file when a library prints the URI: here MLflow, allowed to print its "View run at"
+    link, does so as the run ends, after the log's copy went to MLflow."""
     import socket
     import time
     import urllib.request
@@ -463,6 +478,7 @@ def test_a_password_in_the_tracking_uri_is_never_stored_or_printed(tmp_path, ass
         uri = f"http://llmops:{secret}@127.0.0.1:{port}"
         prefect_home = tmp_path / "prefect-home"
         env = {"LLMOPS_TRACKING_URI": uri, "PREFECT_HOME": str(prefect_home)}
+        env["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "false"  # MLflow prints its run link, URI and all
         run = llmops_run(params_file, *QUICK_RUN, "finetune.epochs=1", env=env)
         out, err = run.communicate(timeout=1800)
         assert run.returncode == 0, err[-3000:]
@@ -476,6 +492,7 @@ def test_a_password_in_the_tracking_uri_is_never_stored_or_printed(tmp_path, ass
         server.wait()
 
     assert secret not in out + err
-    assert list(load_params(params_file).work_dir.glob("runs/*/run.log"))
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaks == []  # the server's store and artifacts, the run folder and its log, Prefect's database
+    (log,) = load_params(params_file).work_dir.glob("runs/*/run.log")
+    assert f"at: http://llmops:***@127.0.0.1:{port}/#/experiments/" in log.read_text()  # printed, and masked
