@@ -230,8 +230,9 @@ def _plot_lengths(reference: list[int], incoming: list[int], path: Path) -> Path
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.histogram_bin_edges(reference + incoming, bins=30)
-    ax.hist(reference, bins=bins, density=True, alpha=0.6, label=f"reference ({len(reference)} rows)")
-    ax.hist(incoming, bins=bins, density=True, alpha=0.6, label=f"incoming ({len(incoming)} rows)")
+    for name, lengths in (("reference", reference), ("incoming", incoming)):
+        if lengths:  # no rows, no distribution to draw
+            ax.hist(lengths, bins=bins, density=True, alpha=0.6, label=f"{name} ({len(lengths)} rows)")
     ax.set_xlabel("tokens per row (champion's tokenizer)")
     ax.set_ylabel("share of rows")
     ax.legend()

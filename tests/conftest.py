@@ -138,3 +138,26 @@ def make_dvc_project(folder: Path, assets: Path, **overrides) -> Path:
     run("git", "add", "-A")
     run("git", "commit", "-qm", "project with DVC-tracked data")
     return params_file
+
+
+def register(params: Params, model_dir: Path) -> str:
+    """A new version of `model_dir` through the promote stage, as a run whose gate passed: registered and made
+    champion. Returns its version."""
+    from llmops import tracking
+    from tasks.gate import GateDecision
+    from tasks.promote import Lineage, promote
+
+    client = tracking.client_for(params.tracking)
+    experiment = client.get_experiment_by_name("registered-in-tests") or client.get_experiment(
+        client.create_experiment("registered-in-tests", artifact_location=params.tracking.artifact_location)
+    )
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    lineage = Lineage(
+        dataset_hash="d" * 32,
+        git_commit="abc",
+        params_hash="p" * 16,
+        prefect_flow_run_id="flow-run",
+        mlflow_run_id=run_id,
+        reason="test",
+    )
+    return promote(params.registry, params.tracking, GateDecision(passed=True, checks=[]), model_dir, lineage).version

@@ -4,9 +4,18 @@ import json
 import subprocess
 import sys
 
+import mlflow.pyfunc
 import pytest
 
-from llmops.config import EvaluateParams, FinetuneParams, LoraParams, MergeParams, QuantizeParams, ValidateParams
+from llmops.config import (
+    EvaluateParams,
+    FinetuneParams,
+    LoraParams,
+    MergeParams,
+    QuantizeParams,
+    ValidateParams,
+    load_params,
+)
 from llmops.data import read_conversations, write_jsonl
 from llmops.errors import LLMOpsError
 from llmops.modeling import generate, load_model, load_tokenizer
@@ -17,7 +26,7 @@ from tasks.merge import merge_adapter
 from tasks.quantize import quantize_model
 from tasks.validate import validate_dataset
 from tests.architectures import ARCHITECTURES
-from tests.conftest import PROJECT, training_processes, write_params
+from tests.conftest import PROJECT, register, training_processes, write_params
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +42,7 @@ def few_rows(assets, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_every_stage_runs_on_the_architecture(architecture, tiny_architectures, few_rows, tmp_path):
+def test_every_stage_runs_on_the_architecture(architecture, tiny_architectures, few_rows, tmp_path, assets):
     base = str(tiny_architectures[architecture])
     adapter = finetune(FinetuneParams(epochs=1), base, few_rows, tmp_path / "ft", tmp_path / "ckpt")
     # all-linear: every linear layer kind of the model got an adapter, the output head none.
@@ -58,6 +67,13 @@ def test_every_stage_runs_on_the_architecture(architecture, tiny_architectures, 
 
     report = evaluate_models(EvaluateParams(), deployable.model_dir, base, None, few_rows, tmp_path / "eval")
     assert report.candidate.perplexity > 1
+
+    # Registered as the promote stage registers a candidate that passed, it loads back through MLflow and answers.
+    params = load_params(write_params(tmp_path, assets))
+    version = register(params, deployable.model_dir)
+    model = mlflow.pyfunc.load_model(f"models:/{params.registry.model_name}/{version}")
+    [answer] = model.predict([{"prompt": "Hi?"}], params={"max_new_tokens": 4})
+    assert isinstance(answer, str)
 
 
 def test_wrong_target_modules_fail_before_training_with_the_model_layer_names(tiny_architectures, few_rows, tmp_path):

@@ -23,11 +23,8 @@ from fastapi.testclient import TestClient
 from llmops import tracking
 from llmops.config import load_params
 from llmops.serve import build
-from tasks.gate import GateDecision
-from tasks.promote import Lineage, promote
-from tests.conftest import PROJECT, write_params
+from tests.conftest import PROJECT, register, write_params
 
-PASS = GateDecision(passed=True, checks=[])
 CHAT = {"messages": [{"role": "user", "content": "What color is the tiger?"}], "max_tokens": 4}
 STORY = "Tell me a story about the sea and the sky."  # the tiny model answers it in many words, not one
 
@@ -35,24 +32,6 @@ STORY = "Tell me a story about the sea and the sky."  # the tiny model answers i
 def serve_params(tmp_path: Path, assets: Path, **serve):
     settings = {"poll_seconds": 0.3, **serve}
     return load_params(write_params(tmp_path, assets, **{f"serve__{k}": v for k, v in settings.items()}))
-
-
-def register(params, model_dir: Path) -> str:
-    """A new version through the promote stage: registered and made champion."""
-    client = tracking.client_for(params.tracking)
-    experiment = client.get_experiment_by_name("serve-tests") or client.get_experiment(
-        client.create_experiment("serve-tests", artifact_location=params.tracking.artifact_location)
-    )
-    run_id = client.create_run(experiment.experiment_id).info.run_id
-    lineage = Lineage(
-        dataset_hash="d" * 32,
-        git_commit="abc",
-        params_hash="p" * 16,
-        prefect_flow_run_id="flow-run",
-        mlflow_run_id=run_id,
-        reason="test",
-    )
-    return promote(params.registry, params.tracking, PASS, model_dir, lineage).version
 
 
 @contextmanager
