@@ -23,11 +23,6 @@ from llmops.data import dvc_root, track
 from llmops.errors import LLMOpsError
 from llmops.files import mask_secrets
 
-# At exit the interpreter's collector would sweep every object that torch, transformers, Great Expectations
-# and Prefect made (seconds after the answer is printed) only for the memory to go back with the process:
-# frozen objects are left out of the sweep. Every other exit step (atexit, flushing, logging) runs as usual.
-atexit.register(gc.freeze)
-
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command and return its exit code (the console script exits with it)."""
@@ -145,12 +140,12 @@ def _prepare_prefect(params: Params) -> None:
 def _collector_paused() -> Iterator[None]:
     """For a block that imports the flow's libraries: their millions of objects live until exit, and the
     cyclic collector would sweep them over and over as they arrive (about a second of a cached rerun)."""
-    paused = gc.isenabled()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        if paused:
+        if was_enabled:
             gc.enable()
 
 
@@ -206,6 +201,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     with console.capture(params.work_dir, verbose=args.verbose) as terminal:
         where = "this terminal (-v)" if args.verbose else "the run's log file, named at the end"
         print(f"llmops run: library output goes to {where}", file=terminal, flush=True)
+        # At exit the collector would sweep every object torch, transformers, GX and Prefect made (seconds
+        # after the answer is printed) only for the memory to go back with the process: freeze them instead.
+        # Every other exit step (atexit handlers, flushing, logging) runs as usual.
+        atexit.register(gc.freeze)
         with _collector_paused():
             server_started = _start_prefect_server()
             from flows.retrain import retrain
@@ -221,11 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_summary(summary: Any, params: Params) -> None:
     if summary.ingest and summary.ingest.traffic:
-        t = summary.ingest.traffic
-        print(
-            f"\nServed traffic: {t.folded} judged exchanges folded in; left out {t.left_out} never judged or judged "
-            f"down, and {t.duplicates} already in the training set"
-        )
+        print(f"\nServed traffic: {summary.ingest.traffic.summary()}")
     data = summary.dataset
     dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(data.dropped.items())) or "none"
     print(f"\nData: {data.train_rows} training and {data.eval_rows} eval conversations; dropped: {dropped}")
@@ -300,9 +295,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     else:
         print(f"{result.dataset}: {args.mode} {args.data} -> {result.rows_before} -> {result.rows_after} training rows")
         if result.traffic:
-            t = result.traffic
-            print(f"  traffic {t.log}: {t.folded} judged exchanges folded in, {t.left_out} left out unjudged")
-        print(f"  version {result.previous_version} -> {result.version} (dvc add + push done)")
+            print(f"  traffic {result.traffic.log}: {result.traffic.summary()}")
+        if result.version == result.previous_version:
+            print("  nothing new to fold in: the dataset is unchanged")
+        else:
+            print(f"  version {result.previous_version} -> {result.version} (dvc add + push done)")
         print("  commit the updated .dvc file, then `llmops run` retrains on it")
     return 0
 
@@ -359,7 +356,8 @@ def cmd_drift(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": True, "drifted": drifted, "reports": [r.model_dump(mode="json") for r in reports]}))
     elif not reports:
-        print(f"No incoming data in {args.data or params.monitor.incoming}: nothing to check.")
+        folder = args.data or params.monitor.incoming
+        print(f"Nothing to check in {folder}: no batch files, and no traffic the champion has served.")
     else:
         print("\n\n".join(report.to_markdown() for report in reports))
         if drifted:

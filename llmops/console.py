@@ -77,21 +77,35 @@ class _MaskedLog:
         threading.Thread(target=self._copy, name="llmops-log", daemon=True).start()
 
     def _copy(self) -> None:
+        ready = select.poll()
+        ready.register(self._read, select.POLLIN)
         while self._open:
-            select.select([self._read], [], [])
+            ready.poll()
             with self._lock:
-                piece = os.read(self._read, 1 << 16)
-                cut = max(piece.rfind(space) for space in (b"\n", b"\r", b" ", b"\t")) + 1
-                if not piece:  # every writer is gone
-                    self._write(self._pending)
+                try:
+                    piece = os.read(self._read, 1 << 16)
+                except OSError:  # the pipe itself is gone: nothing more can arrive
                     self._open = False
-                    os.close(self._read)
-                    self._file.close()
-                elif cut:
-                    self._write(self._pending + piece[:cut])
-                    self._pending = piece[cut:]
-                else:
-                    self._pending += piece
+                    return
+                try:
+                    self._take(piece)
+                except Exception as exc:  # keep draining whatever happens, or writers would block on a full pipe
+                    self._pending = b""
+                    with contextlib.suppress(OSError):
+                        self._file.write(f"\n[llmops: log output lost here: {type(exc).__name__}: {exc}]\n".encode())
+
+    def _take(self, piece: bytes) -> None:
+        cut = max(piece.rfind(space) for space in (b"\n", b"\r", b" ", b"\t")) + 1
+        if not piece:  # every writer is gone
+            self._write(self._pending)
+            self._open = False
+            os.close(self._read)
+            self._file.close()
+        elif cut:
+            self._write(self._pending + piece[:cut])
+            self._pending = piece[cut:]
+        else:
+            self._pending += piece
 
     def _write(self, data: bytes) -> None:
         text = mask_secrets(data.decode("utf-8", "surrogateescape"))

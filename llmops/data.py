@@ -329,14 +329,20 @@ class DatasetRef(BaseModel, frozen=True):
         }
 
 
-# The served-traffic log's files (`llmops.traffic`): never a batch, since only judged exchanges may train.
-TRAFFIC_FILES, FEEDBACK_FILES = "traffic-*.jsonl", "feedback-*.jsonl"
+# The hourly files of the served-traffic log (`llmops.traffic`): never a batch, since only judged exchanges
+# may train.
+TRAFFIC_FILES, FEEDBACK_FILES = "traffic-????-??-??T??.jsonl", "feedback-????-??-??T??.jsonl"
 
 
 def batch_files(path: Path) -> list[Path]:
     """An incoming batch: the JSONL file itself, or the `*.jsonl` files directly inside a folder (sorted),
     leaving out a served-traffic log's files."""
     if path.is_file():
+        if path.match(TRAFFIC_FILES) or path.match(FEEDBACK_FILES):
+            raise LLMOpsError(
+                f"{path} is a file of the served-traffic log: its answers were never judged, so it is not a batch "
+                f"to train on. Give its folder ({path.parent}), from which only judged exchanges are taken."
+            )
         return [path]
     if not path.is_dir():
         raise LLMOpsError(f"Incoming data {path} does not exist: give a JSONL file or a folder of them.")

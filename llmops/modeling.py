@@ -202,7 +202,7 @@ def _perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, enco
         total_loss += losses.item()
         total_tokens += int((targets != IGNORE_INDEX).sum())
     if total_tokens == 0:
-        raise LLMOpsError("No response tokens left to score: raise finetune.max_seq_len or shorten prompts.")
+        raise LLMOpsError("No tokens left to score: raise finetune.max_seq_len or shorten prompts.")
     return math.exp(total_loss / total_tokens)
 
 

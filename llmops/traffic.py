@@ -21,6 +21,7 @@ import random
 import threading
 import uuid
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,7 +138,7 @@ class JudgedTraffic:
         return len(self.rows)
 
 
-def judged_traffic(folder: Path, known: set[str] = frozenset()) -> JudgedTraffic:
+def judged_traffic(folder: Path, known: AbstractSet[str] = frozenset()) -> JudgedTraffic:
     """The traffic worth training on, as conversations, leaving out any whose `Conversation.key()` is in
     `known` (the training set's). The latest judgment of a response wins."""
     judgments = {row["id"]: row for row in _rows(folder, FEEDBACK_FILES)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -36,7 +37,13 @@ class FoldedTraffic(BaseModel, frozen=True):
     log: Path
     folded: int  # judged exchanges added: corrected, or rated "up"
     left_out: int  # never judged, or judged "down" with no correction: never trained on
-    duplicates: int  # judged, but the training set already holds them (folded by an earlier ingest)
+    duplicates: int  # judged, but the training set already holds them (folded by an earlier ingest), or repeats
+
+    def summary(self) -> str:
+        return (
+            f"{self.folded} judged exchanges folded in; left out {self.left_out} never judged or judged down, "
+            f"and {self.duplicates} already in the training set"
+        )
 
 
 class IngestResult(BaseModel, frozen=True):
@@ -99,8 +106,7 @@ def ingest_dataset(
             if not report.ok:
                 raise InvalidData(DataReport(splits=[report.model_copy(update={"path": shown_as})]))
 
-        scratch = train.parent.parent / f".ingest-{os.getpid()}"  # outside the tracked folder
-        scratch.mkdir(exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".ingest-", dir=train.parent.parent))  # outside the tracked folder
         try:
             parts: list[Path] = []  # checked files whose rows join the training set
             if files:  # one batch, validated as one file (row numbers count through the files in name order)
@@ -113,7 +119,7 @@ def ingest_dataset(
                 traffic = FoldedTraffic(
                     log=served, folded=judged.folded, left_out=judged.left_out, duplicates=judged.duplicates
                 )
-                log.info("traffic log %s: %s", served, traffic.model_dump(exclude={"log"}))
+                log.info("traffic log %s: %s", served, traffic.summary())
                 if judged.rows:
                     write_jsonl(scratch / "traffic.jsonl", judged.rows)
                     # However few, judged rows count; what cleaning drops of them is judged with the whole set.

@@ -2,7 +2,10 @@
 
 from datetime import UTC, datetime
 
+import pytest
+
 from llmops.data import Conversation, Turn, batch_files
+from llmops.errors import LLMOpsError
 from llmops.traffic import TrafficLog, judged_traffic, served_prompts, traffic_log
 
 
@@ -60,3 +63,5 @@ def test_a_traffic_log_is_found_in_the_incoming_folder_and_is_never_a_batch(tmp_
     serve(log, "question", "answer")
     assert traffic_log(tmp_path) == tmp_path / "traffic" == traffic_log(tmp_path / "traffic")
     assert batch_files(tmp_path / "traffic") == []  # unjudged answers never train as a batch would
+    with pytest.raises(LLMOpsError, match="not a batch to train on"):
+        batch_files(next((tmp_path / "traffic").glob("traffic-*.jsonl")))
