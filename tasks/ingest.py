@@ -96,8 +96,9 @@ def ingest_dataset(
         if not files and served is None:
             raise LLMOpsError(f"{new} holds no *.jsonl files: there is nothing to ingest.")
         options = {"excess_length": excess_length, "chat_template": load_chat_template(chat_template)}
-        existing = parse_jsonl(train, params.max_line_bytes) if train.exists() and mode == "append" else None
-        before = len(parse_jsonl(train, params.max_line_bytes).rows) if train.exists() else 0
+        current = parse_jsonl(train, params.max_line_bytes) if train.exists() else None
+        existing = current if mode == "append" else None  # the rows the new ones join
+        before = len(current.rows) if current else 0
         previous = tracked_version(train)
 
         def check(part: Path, shown_as: Path, rules: ValidateParams = params) -> None:
@@ -138,7 +139,7 @@ def ingest_dataset(
                 )
             candidate = scratch / "candidate.jsonl"
             sources = ([train] if existing else []) + parts  # the rows kept, then the new ones
-            parsed = [parse_jsonl(source, params.max_line_bytes) for source in sources]
+            parsed = ([existing] if existing else []) + [parse_jsonl(part, params.max_line_bytes) for part in parts]
             if len({p.format for p in parsed}) == 1:  # one shape: the files' own bytes
                 _concatenate(sources, candidate)
             else:
