@@ -26,8 +26,9 @@ import yaml
 from peft import PeftModel
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from data import validate_rows  # bench/data.py, beside this script
 from llmops.chat import render_prompt
-from llmops.config import EvaluateParams, FinetuneParams, MergeParams, QuantizeParams, ValidateParams
+from llmops.config import EvaluateParams, FinetuneParams, MergeParams, QuantizeParams, ValidateParams, load_params
 from llmops.data import Conversation, DatasetRef, read_conversations, write_jsonl
 from llmops.devices import GPTQ_KERNELS
 from llmops.modeling import (
@@ -48,6 +49,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 WORK = PROJECT / "work" / "bench"
 BASE = PROJECT / "models" / "tiny-llama"
 REAL_MODEL = PROJECT / "models" / "smollm2-135m-instruct"  # `make real-model`
+# The demo splits as params.yaml names them (folders), whatever rows `llmops ingest` has added since.
+DEMO = load_params(PROJECT / "params.yaml").data
 REPEATS = 2  # each side of a timing comparison runs this often, alternating; the median is reported
 
 
@@ -73,7 +76,9 @@ def timed(fn) -> tuple[float, object]:
 def dataset(train: Path, eval_: Path) -> object:
     from tasks.validate import validate_dataset  # Great Expectations: not needed by the gpu group
 
-    return validate_dataset(ValidateParams(max_prompt_tokens=4096), str(BASE), 512, train, eval_).require_valid()
+    # Cleaned splits are written (and used) whenever cleaning changed something, e.g. rows ingested since.
+    params = ValidateParams(max_prompt_tokens=4096)
+    return validate_dataset(params, str(BASE), 512, train, eval_, out=WORK / "cleaned").require_valid()
 
 
 def finetune_throughput(demo) -> Figure:
@@ -252,13 +257,13 @@ def real_model_merge(folder: Path) -> tuple:
     """SmolLM2-135M-Instruct (real pretrained weights, `make real-model`): one epoch of LoRA with the shipped
     defaults on 32 chat rows, then the merge stage. Returns the dataset (all training rows for calibration),
     the adapter and the merge result."""
-    write_jsonl(folder / "train.jsonl", read_conversations(PROJECT / "data/demo/train.jsonl")[:32])
-    write_jsonl(folder / "calibration.jsonl", read_conversations(PROJECT / "data/demo/train.jsonl"))
-    write_jsonl(folder / "eval.jsonl", read_conversations(PROJECT / "data/demo/eval.jsonl")[:24])
+    write_jsonl(folder / "train.jsonl", read_conversations(DEMO.train)[:32])
+    write_jsonl(folder / "calibration.jsonl", read_conversations(DEMO.train))
+    write_jsonl(folder / "eval.jsonl", read_conversations(DEMO.eval)[:24])
     from tasks.validate import validate_dataset
 
     data = validate_dataset(
-        ValidateParams(), str(REAL_MODEL), 1024, folder / "train.jsonl", folder / "eval.jsonl"
+        ValidateParams(), str(REAL_MODEL), 1024, folder / "train.jsonl", folder / "eval.jsonl", out=folder / "cleaned"
     ).require_valid()
     adapter = finetune(FinetuneParams(epochs=1), str(REAL_MODEL), data, folder / "ft", WORK / "ckpt")
     merged = merge_adapter(MergeParams(), str(REAL_MODEL), adapter, data, folder / "merged")
@@ -314,7 +319,7 @@ def bench_params(folder: Path) -> Path:
     """The shipped params.yaml with its own work folder and MLflow store, so nothing is cached or shared."""
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
     raw["model"]["base"] = str(BASE)
-    raw["data"] = {"train": str(PROJECT / "data/demo/train.jsonl"), "eval": str(PROJECT / "data/demo/eval.jsonl")}
+    raw["data"] = {"train": str(DEMO.train), "eval": str(DEMO.eval)}
     raw["tracking"] = {
         "uri": f"sqlite:///{folder / 'mlflow.db'}",
         "artifact_location": str(folder / "mlartifacts"),
@@ -739,6 +744,18 @@ def write_report(figures: list[Figure]) -> None:
     (PROJECT / "docs" / "BENCHMARKS.md").write_text("\n".join(lines))
 
 
+def redaction_figures(demo) -> list[Figure]:
+    from redaction import redaction_figures  # bench/redaction.py (this script's folder is on sys.path)
+
+    return [Figure(**figure) for figure in redaction_figures()]
+
+
+def two_runs_figures(demo) -> list[Figure]:
+    from host_slots import two_runs_figures  # bench/host_slots.py
+
+    return [Figure(**figure) for figure in two_runs_figures(bench_params, WORK / "two_runs")]
+
+
 # Each group measures a few figures; `--only` picks groups by name.
 GROUPS = {
     "finetune": lambda demo: [finetune_throughput(demo)],
@@ -751,7 +768,11 @@ GROUPS = {
     "flow": lambda demo: flow_figures(),
     "gpu": lambda demo: gpu_figures() if torch.cuda.is_available() else [],
     "serve": serve_figures,
+    "redaction": redaction_figures,
+    "two_runs": two_runs_figures,
+    "data": lambda demo: [Figure(**row) for row in validate_rows(WORK)],  # llmops validate at 10k and 100k rows
 }
+NO_DEMO = {"gpu", "redaction", "two_runs", "data"}  # groups that make their own data
 
 
 def main() -> None:
@@ -763,9 +784,9 @@ def main() -> None:
         parser.error(f"unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
     shutil.rmtree(WORK, ignore_errors=True)  # a cache left by the last bench would fake the first-run times
     WORK.mkdir(parents=True)
-    # The gpu group makes its own data: a GPU host needs neither the demo split nor its validation suite.
-    needs_demo = set(chosen) != {"gpu"}
-    demo = dataset(PROJECT / "data/demo/train.jsonl", PROJECT / "data/demo/eval.jsonl") if needs_demo else None
+    # Some groups make their own data: a GPU host needs neither the demo split nor its validation suite.
+    needs_demo = not set(chosen) <= NO_DEMO
+    demo = dataset(DEMO.train, DEMO.eval) if needs_demo else None
     figures = [figure for group in chosen for figure in GROUPS[group](demo)]
     write_report(figures)
     for figure in figures:

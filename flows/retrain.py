@@ -74,7 +74,7 @@ def retrain(
         incoming: New rows to fold into the training set first (a JSONL file or a folder of them), checked
             like `llmops ingest` and versioned with DVC; the files then move to `ingested/` beside them. A
             folder's traffic log (`llmops serve`) adds its judged exchanges: corrected, or rated "up".
-        dataset: A training split (JSONL) to use instead of the params' data.train.
+        dataset: A training split (a JSONL file or a folder of them) to use instead of the params' data.train.
         learning_rate: Fine-tuning learning rate for this run (default: params' finetune.learning_rate).
         epochs: Fine-tuning epochs for this run (default: params' finetune.epochs).
         overrides: Any other params.yaml values for this run, as dotted keys, e.g. {"finetune.lora.r": 8}.
@@ -103,6 +103,7 @@ def retrain(
                 archive=True,
                 excess_length=params.data.excess_length,
                 chat_template=params.data.chat_template,
+                out=params.work_dir / "cleaned",  # the training set it checks is the one validate finds there
             )
         validation = run.stage(
             "validate",

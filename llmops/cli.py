@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import gc
 import json
 import logging
@@ -23,6 +24,11 @@ from llmops.data import dvc_root, track
 from llmops.errors import LLMOpsError
 from llmops.files import mask_secrets
 
+# Commands whose library output (Great Expectations, DVC, Prefect, transformers) goes to a log file of their
+# own: the terminal gets what a person needs. `run` captures its own (its log moves into the run's folder);
+# `serve` and `platform` run until stopped, their logs are their output.
+QUIET = {"bootstrap", "validate", "ingest", "lineage", "reproduce", "drift", "deploy", "status", "rollback"}
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command and return its exit code (the console script exits with it)."""
@@ -32,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_no_traceback_for_user_errors)
     try:
-        return args.command(args)
+        code = _quietly(args) if args.name in QUIET else args.command(args)
     except LLMOpsError as exc:
-        return _fail(str(exc), exc.exit_code, args)
+        code = _fail(str(exc), exc.exit_code, args)
     except KeyboardInterrupt:
-        return _fail("Interrupted. The champion was not changed.", 130, args)
+        code = _fail("Interrupted. The champion was not changed.", 130, args)
     except Exception as exc:  # a crash: say so plainly; the log has the detail
         if os.environ.get("LLMOPS_DEBUG"):
             raise
@@ -47,7 +53,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         where = f" The full log is {console.log_file()}." if console.log_file() else ""
         message = f"`llmops {args.name}` failed: {type(exc).__name__}: {mask_secrets(str(exc))}.{aftermath}{where}"
-        return _fail(message + " Set LLMOPS_DEBUG=1 to see the traceback.", 1, args)
+        code = _fail(message + " Set LLMOPS_DEBUG=1 to see the traceback.", 1, args)
+    if getattr(args, "captured", False) and console.log_file():
+        print(f"full log: {console.log_file()}", file=sys.stderr)  # stderr: a --json line stays stdout's last
+    return code
+
+
+def _quietly(args: argparse.Namespace) -> int:
+    """Run the command with everything but its own output in `<work_dir>/logs/<command>-*.log` (named at the
+    end by `main`; a log left empty is removed)."""
+    params = load_params(args.params)  # fails fast, before anything is redirected
+    args.captured = not args.verbose
+    with (
+        console.capture(params.work_dir, verbose=args.verbose, name=args.name) as terminal,
+        contextlib.redirect_stdout(terminal.out),  # the command's own print()s, to the terminal
+    ):
+        return args.command(args)
 
 
 def _no_traceback_for_user_errors(record: logging.LogRecord) -> bool:
@@ -77,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--params", type=Path, default=argparse.SUPPRESS, help="params file (default params.yaml)")
         if json_flag:
             sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        if name in QUIET or name == "run":
+            sub.add_argument(
+                "-v",
+                "--verbose",
+                action="store_true",
+                help="show every library's output on the terminal (otherwise it goes to a log file, named at the end)",
+            )
         return sub
 
     boot = command("bootstrap", cmd_bootstrap, "build the default tiny base model and demo dataset", False)
@@ -92,15 +120,11 @@ def _parser() -> argparse.ArgumentParser:
         help="override a params.yaml value for this run, e.g. finetune.learning_rate=1e-3",
     )
     run.add_argument("--reason", default="manual", help="why this run happens (recorded as lineage)")
-    run.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="show every library's output on the terminal (otherwise it goes to the run's log file only)",
+    validate = command("validate", cmd_validate, "clean and check a dataset split; exit 1 if it is invalid")
+    validate.add_argument(
+        "--data", type=Path, required=True, help="a JSONL file, or a folder of them (each in any accepted shape)"
     )
-    validate = command("validate", cmd_validate, "clean and check a JSONL dataset file; exit 1 if it is invalid")
-    validate.add_argument("--data", type=Path, required=True, help="the JSONL file to check (any accepted shape)")
-    validate.add_argument("--against", type=Path, help="an eval split to check the file's prompts for leakage into")
+    validate.add_argument("--against", type=Path, help="an eval split to check the split's prompts for leakage into")
     ingest = command("ingest", cmd_ingest, "validate new rows, fold them into the training set, version it")
     ingest.add_argument(
         "--data", type=Path, required=True, help="JSONL file of new rows, or a folder of them and/or a traffic log"
@@ -171,7 +195,7 @@ def _start_prefect_server() -> Callable[[], None]:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from tasks.bootstrap import build_base_model, build_demo_dataset, build_incoming_batch
+    from tasks.bootstrap import build_base_model, build_demo_dataset, build_incoming_batch, move_to_split_folders
 
     params = load_params(args.params)
     model_dir = Path(params.model.base)
@@ -181,6 +205,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     else:
         print(f"base model present: {model_dir}")
     data_dir = params.data.train.parent
+    if not args.force and move_to_split_folders(data_dir):
+        print(f"demo dataset moved into split folders: {params.data.train}/, {params.data.eval}/")
     if args.force or not (params.data.train.exists() and params.data.eval.exists()):
         build_demo_dataset(params.bootstrap, data_dir)
         print(f"built demo dataset: {data_dir}")
@@ -200,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _prepare_prefect(params)
     with console.capture(params.work_dir, verbose=args.verbose) as terminal:
         where = "this terminal (-v)" if args.verbose else "the run's log file, named at the end"
-        print(f"llmops run: library output goes to {where}", file=terminal, flush=True)
+        print(f"llmops run: library output goes to {where}", file=terminal.err, flush=True)
         # At exit the collector would sweep every object torch, transformers, GX and Prefect made (seconds
         # after the answer is printed) only for the memory to go back with the process: freeze them instead.
         # Every other exit step (atexit handlers, flushing, logging) runs as usual.

@@ -54,8 +54,11 @@ class DataParams(Section):
     """The dataset: JSONL in one of five shapes per file (messages, ShareGPT conversations, prompt/response,
     prompt/completion, Alpaca instruction/input/output), read as conversations."""
 
-    train: Path = Field(Path("data/demo/train.jsonl"), description="Training split, JSONL conversations.")
-    eval: Path = Field(Path("data/demo/eval.jsonl"), description="Held-out evaluation split, any accepted shape.")
+    train: Path = Field(
+        Path("data/demo/train"),
+        description="Training split: a JSONL file, or a folder of them (its *.jsonl files, each in its own shape).",
+    )
+    eval: Path = Field(Path("data/demo/eval"), description="Held-out evaluation split: a JSONL file or a folder.")
     excess_length: Literal["drop", "truncate_prompt", "raise"] = Field(
         "drop",
         description="Conversations longer than finetune.max_seq_len: `drop` them (counted in the report), "
@@ -209,6 +212,15 @@ class FinetuneParams(Section):
         50, ge=1, description="Save a resumable checkpoint every N steps; a crashed run resumes from the newest."
     )
     distributed: DistributedParams = DistributedParams()
+    # How this host is shared, not what the stage computes: excluded from dumps, so changing it changes
+    # neither the stage's cache key, its checkpoint folder nor the params hash in the lineage.
+    host_slots: int | None = Field(
+        None,
+        ge=1,
+        exclude=True,
+        description="Trainings this host runs at once (each takes a slot; one more waits for a free one). "
+        "Unset: one per GPU, or one on a host without a GPU. A CPU training gets its share of the cores.",
+    )
 
     @model_validator(mode="after")
     def _fits_the_ranks(self) -> FinetuneParams:
@@ -357,6 +369,24 @@ class DeployParams(Section):
     drift_cooldown_minutes: float = Field(
         30, gt=0, description="At most one drift-triggered retrain in this window, however many drift events."
     )
+    heartbeat_seconds: int = Field(
+        60, ge=30, description="How often a flow run on a worker tells the Prefect server it is alive (>= 30)."
+    )
+    crashed_after_seconds: float = Field(
+        300,
+        gt=0,
+        description="A flow run silent this long (its host died) is marked Crashed, which frees its slots; "
+        "`prefect flow-run retry` then resumes it on any worker from its checkpoint.",
+    )
+
+    @model_validator(mode="after")
+    def _silence_outlasts_a_heartbeat(self) -> DeployParams:
+        if self.crashed_after_seconds <= self.heartbeat_seconds:
+            raise ValueError(
+                f"crashed_after_seconds ({self.crashed_after_seconds:g}) must be longer than heartbeat_seconds "
+                f"({self.heartbeat_seconds}), or every healthy run would be marked Crashed between two heartbeats"
+            )
+        return self
 
     @model_validator(mode="after")
     def _schedules_parse(self) -> DeployParams:

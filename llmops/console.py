@@ -1,14 +1,16 @@
-"""What `llmops run` shows a person, and where everything else goes.
+"""What a command shows a person, and where everything else goes.
 
-The terminal gets one line per finished stage, a progress bar while finetune trains, then the gate table
-and the registry line. Everything else (library banners and warnings, progress bars, Prefect's and
+`llmops run` shows one line per finished stage, a progress bar while finetune trains, then the gate table
+and the registry line; the other commands show their verdict, counts, reasons and paths. Everything else
+(library banners and warnings, progress bars, Prefect's and
 Great Expectations' log lines, child processes' output) goes to the run's log file: while the run lasts,
 file descriptors 1 and 2 themselves point into it, so output written below Python (C extensions,
 subprocesses) is caught too. They point at a pipe whose reader appends to the file with credentials masked
 (`postgresql://user:***@host`): a password a library prints, as MLflow prints its tracking URI, never
-reaches the disk. The file starts under `<work_dir>/logs/` and moves to `<run folder>/run.log` as soon as
-the run has one; the MLflow run keeps a copy. Warnings and errors of this project's own code still reach
-the terminal; `-v` shows everything there instead, as before.
+reaches the disk. The file starts under `<work_dir>/logs/` (`<command>-<time>-<pid>.log`); a run's moves to
+`<run folder>/run.log` as soon as the run has one, and the MLflow run keeps a copy; a command that wrote
+nothing there leaves no file. Warnings and errors of this project's own code still reach the terminal; `-v`
+shows everything there instead.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from llmops.files import mask_secrets
 
@@ -181,22 +183,43 @@ class _Terminal(logging.Handler):
         self.stream.flush()
 
 
+class Terminal(NamedTuple):
+    """Where a command's own output goes while `capture` sends everything else to the log file."""
+
+    out: TextIO  # what the command prints: verdicts, tables, the JSON line
+    err: TextIO  # progress lines, warnings, errors
+
+
+def _kept(stream: TextIO, fd: int) -> tuple[TextIO, bool]:
+    """`stream`, or, when it writes to descriptor `fd` (about to point into the log), a new stream on a copy
+    of that descriptor; True when the caller must close it. (Under pytest's capture, `sys.stdout` is not a
+    descriptor at all, and stays what it is.)"""
+    try:
+        if stream.fileno() == fd:
+            return open(os.dup(fd), "w", buffering=1, closefd=True), True  # noqa: SIM115 - closed by capture
+    except (AttributeError, OSError, ValueError):
+        pass
+    return stream, False
+
+
 @contextmanager
-def capture(work_dir: Path, verbose: bool) -> Iterator[TextIO]:
-    """For the block: everything to the run's log file, the readable part to the terminal (yielded, for the
-    command's own output). With `verbose`, nothing is redirected."""
+def capture(work_dir: Path, verbose: bool, name: str = "run") -> Iterator[Terminal]:
+    """For the block: everything to the command's log file, the readable part to the terminal (yielded, for
+    the command's own output). With `verbose`, nothing is redirected. A log that stayed empty is removed
+    (`log_file()` is then None)."""
     global _log_file, _sink
     if verbose:
-        yield sys.stdout
+        yield Terminal(sys.stdout, sys.stderr)
         return
     folder = work_dir / "logs"
     folder.mkdir(parents=True, exist_ok=True)
-    _log_file = folder / f"run-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    _log_file = folder / f"{name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     sys.stdout.flush()
     sys.stderr.flush()
+    out, close_out = _kept(sys.stdout, 1)
+    err, close_err = _kept(sys.stderr, 2)
     saved = os.dup(1), os.dup(2)
-    terminal = open(os.dup(2), "w", buffering=1, closefd=True)  # noqa: SIM115 - closed below
-    handler = _Terminal(terminal)
+    handler = _Terminal(err)
     root = logging.getLogger()
     _sink = _MaskedLog(_log_file)
     os.dup2(_sink.write_fd, 1)
@@ -205,7 +228,7 @@ def capture(work_dir: Path, verbose: bool) -> Iterator[TextIO]:
     root.addHandler(handler)
     logging.getLogger(PROGRESS).setLevel(logging.INFO)
     try:
-        yield terminal
+        yield Terminal(out, err)
     finally:
         root.removeHandler(handler)
         for other in root.handlers:  # what libraries log while the process winds down stays out of sight
@@ -219,4 +242,10 @@ def capture(work_dir: Path, verbose: bool) -> Iterator[TextIO]:
             os.close(fd)
         _sink.catch_up()
         _sink = None
-        terminal.close()
+        for stream, owned in ((out, close_out), (err, close_err)):
+            stream.flush()
+            if owned:
+                stream.close()
+        if _log_file.exists() and _log_file.stat().st_size == 0:
+            _log_file.unlink()
+            _log_file = None

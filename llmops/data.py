@@ -1,9 +1,10 @@
 """Training data: JSONL rows in any of five shapes, read into one conversation type; the dataset reference
 the stages pass along; and its versioning with DVC.
 
-Parsing is structural only (is each line a JSON object of a known shape, with string contents?) and never
-loads more than one line at a time, so a multi-gigabyte or binary file is reported on, not read into memory.
-What the rows say is judged by the Great Expectations suite in `tasks/validate.py`.
+A split (`data.train`, `data.eval`) is one JSONL file or a folder of them (`split_files`), each file in its own
+shape. Parsing is structural only (is each line a JSON object of a known shape, with string contents?) and
+reads one line at a time, so a multi-gigabyte or binary file is reported on, not read into memory. What the
+rows say, and whether a conversation's turns make sense, is judged by `tasks/validate.py`.
 """
 
 from __future__ import annotations
@@ -31,19 +32,24 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # Each accepted row shape, with a one-line example (the error for a row of no known shape lists them).
 FORMATS = {
-    "messages": '{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}',
+    "messages": '{"messages": [{"role": "system"|"user"|"assistant", "content": "...", "weight": 0|1}, ...]}',
     "sharegpt": '{"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}',
     "prompt_response": '{"prompt": "...", "response": "..."}',
     "prompt_completion": '{"prompt": "...", "completion": "..."}',
     "alpaca": '{"instruction": "...", "input": "..." (optional), "output": "..."}',
 }
 _BOM = b"\xef\xbb\xbf"
+MAX_PROBLEMS_KEPT = 1000  # a binary file read as lines has a problem on every one: count them all, keep these
+
+RowId = int | str  # where a row is: its line in a one-file split, "<file name>:<line>" in a folder split
 
 
 @dataclass(frozen=True)
 class Turn:
     role: Role
     content: str
+    # An assistant turn with train=False is context: rendered as it is, never a target (OpenAI's "weight": 0).
+    train: bool = True
 
     def as_message(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
@@ -51,7 +57,8 @@ class Turn:
 
 @dataclass(frozen=True)
 class Conversation:
-    """A chat: optional system turn, then user and assistant turns, ending on an assistant turn."""
+    """A chat: turns of the system, the user and the assistant. A clean one (what trains) has its system turn
+    first, if any, and ends on an assistant turn; `structure_problem` says what else a row may hold."""
 
     turns: tuple[Turn, ...]
 
@@ -68,92 +75,211 @@ class Conversation:
     @property
     def reference(self) -> str:
         """The last assistant turn: the answer evaluation compares a generation with."""
-        return self.turns[self._last_assistant()].content
+        last = self._last_assistant()
+        return self.turns[last].content if last < len(self.turns) else ""
 
     @property
     def last_user(self) -> str:
         return next((t.content for t in reversed(self.prompt) if t.role == "user"), "")
 
+    @property
+    def opening_assistant_turns(self) -> int:
+        """How many assistant turns come before the first user turn (a chat cut mid-way, an agent's greeting)."""
+        count = 0
+        for turn in self.turns:
+            if turn.role == "user":
+                break
+            count += turn.role == "assistant"
+        return count
+
+    def without_opening_assistant_turns(self) -> Conversation:
+        """The conversation from its first user turn on (its system turn kept)."""
+        first_user = next((i for i, t in enumerate(self.turns) if t.role == "user"), len(self.turns))
+        return Conversation(tuple(t for i, t in enumerate(self.turns) if i >= first_user or t.role == "system"))
+
     def _last_assistant(self) -> int:
-        return max(i for i, t in enumerate(self.turns) if t.role == "assistant")
+        """Index of the last assistant turn (len(turns) when there is none: everything is prompt)."""
+        return max((i for i, t in enumerate(self.turns) if t.role == "assistant"), default=len(self.turns))
 
     def key(self, turns: Sequence[Turn] | None = None) -> str:
         """Hash of the normalized conversation (or of `turns`): whitespace runs collapsed, ends stripped."""
-        normal = [(t.role, " ".join(t.content.split())) for t in (self.turns if turns is None else turns)]
-        return hashlib.sha256(json.dumps(normal).encode()).hexdigest()
+        return _key([(t.role, " ".join(t.content.split())) for t in (self.turns if turns is None else turns)])
+
+    def keys(self) -> tuple[str, str]:
+        """`key()` and `key(prompt)`, normalizing the text once."""
+        normal = [(t.role, " ".join(t.content.split())) for t in self.turns]
+        return _key(normal), _key(normal[: self._last_assistant()])
 
     def to_row(self) -> dict[str, Any]:
-        return {"messages": [t.as_message() for t in self.turns]}
+        """The `messages` row; an untrained assistant turn carries `"weight": 0`."""
+        return {"messages": [t.as_message() | ({} if t.train else {"weight": 0}) for t in self.turns]}
+
+
+def _key(normal: list[tuple[str, str]]) -> str:
+    return hashlib.sha256(json.dumps(normal).encode()).hexdigest()
+
+
+# Why a conversation cannot train, whatever the chat template (the reasons cleaning counts its drops under).
+STRUCTURE_PROBLEMS = {
+    "system_not_first": "a system turn after the first turn",
+    "no_assistant_turn": "no assistant turn: nothing to learn from",
+    "ends_on_user_turn": "ends on a user turn (its last question has no answer)",
+    "no_trained_turn": 'every assistant turn has "weight": 0: nothing to learn from',
+}
+
+
+def structure_problem(conversation: Conversation) -> str | None:
+    """The STRUCTURE_PROBLEMS reason that makes this conversation unusable for training, or None.
+
+    Opening assistant turns are not one of them: the chat template decides (`tasks/validate.py` renders the
+    conversation as it is, or repairs it by dropping them)."""
+    turns = conversation.turns
+    if any(t.role == "system" for t in turns[1:]):
+        return "system_not_first"
+    if not any(t.role == "assistant" for t in turns):
+        return "no_assistant_turn"
+    if turns[-1].role != "assistant":
+        return "ends_on_user_turn"
+    if not any(t.train for t in turns if t.role == "assistant"):
+        return "no_trained_turn"
+    return None
 
 
 @dataclass(frozen=True)
 class RowProblem:
     line: int  # 0 for a problem of the whole file
     problem: str
+    file: str | None = None  # the file's name, in a folder split
 
     def __str__(self) -> str:
+        if self.file:
+            return f"{self.file}:{self.line}: {self.problem}" if self.line else f"{self.file}: {self.problem}"
         return f"line {self.line}: {self.problem}" if self.line else self.problem
 
 
 @dataclass
 class ParsedFile:
-    """What a JSONL file holds: its detected format, the conversations with their line numbers, and what
-    is structurally wrong (line by line)."""
+    """What a JSONL file (or a folder split) holds: its detected format, the conversations with where they
+    are, and what is structurally wrong (line by line)."""
 
     format: str | None = None
-    rows: list[tuple[int, Conversation]] = field(default_factory=list)
+    rows: list[tuple[RowId, Conversation]] = field(default_factory=list)
     problems: list[RowProblem] = field(default_factory=list)
 
 
-def parse_jsonl(path: Path, max_line_bytes: int = 1_000_000) -> ParsedFile:
-    """Read every row with its line number, collecting what is structurally wrong instead of stopping.
-
-    The format is detected from the first row of a known shape; a row of another shape is a problem
-    (one file, one format). A UTF-8 byte-order mark and CRLF line ends are accepted.
+def split_files(path: Path) -> list[Path]:
+    """The files of a split: the JSONL file itself, or the `*.jsonl` files directly inside a folder, sorted by
+    name (hidden ones, such as a write in progress, left out).
 
     Raises:
-        LLMOpsError: the file does not exist or is not a regular file.
+        LLMOpsError: the path does not exist, or is a folder without JSONL files.
     """
-    if not path.is_file():
-        raise LLMOpsError(f"Dataset file {path} not found. Check the path (data.train / data.eval in params.yaml).")
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise LLMOpsError(
+            f"Dataset {path} not found. Check the path (data.train / data.eval in params.yaml): a JSONL file, or "
+            "a folder of them."
+        )
+    files = sorted(p for p in path.glob("*.jsonl") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise LLMOpsError(f"Dataset folder {path} holds no *.jsonl files. Put the split's JSONL files directly in it.")
+    return files
+
+
+class JsonlReader:
+    """The rows of one JSONL file, read one line at a time: iterate it for `(where, conversation)`; what is
+    structurally wrong collects in `problems` (the first MAX_PROBLEMS_KEPT; `problem_count` counts all).
+
+    The format is detected from the first row of a known shape; a row of another shape is a problem (one
+    file, one format). A UTF-8 byte-order mark and CRLF line ends are accepted. `label` (a folder split's file
+    name) makes each row's place `"<label>:<line>"` instead of its line number.
+    """
+
+    def __init__(self, path: Path, max_line_bytes: int = 1_000_000, label: str | None = None):
+        if not path.is_file():
+            raise LLMOpsError(f"Dataset file {path} not found. Check the path (data.train / data.eval in params.yaml).")
+        self.path, self.max_line_bytes, self.label = path, max_line_bytes, label
+        self.format: str | None = None
+        self.problems: list[RowProblem] = []
+        self.problem_count = 0
+        self.rows_read = 0
+        self.bytes_read = 0  # for progress on a large file
+
+    def _problem(self, line: int, problem: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS_KEPT:
+            self.problems.append(RowProblem(line, problem, self.label))
+
+    def __iter__(self) -> Iterator[tuple[RowId, Conversation]]:
+        with self.path.open("rb") as handle:
+            head = handle.read(8192).removeprefix(_BOM)
+        if not head.strip():
+            self._problem(0, "the file is empty")
+        elif head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            self._problem(0, "the file is UTF-16 encoded; save it as UTF-8")
+        elif b"\x00" in head:
+            self._problem(0, "the file is binary, not JSON Lines text")
+        elif head.lstrip().startswith(b"["):
+            message = (
+                "the file is one JSON array; JSON Lines needs one object per line (convert it with: jq -c '.[]' FILE)"
+            )
+            self._problem(0, message)
+        if self.problems:
+            return
+        first_line = 0
+        limit = self.max_line_bytes
+        with self.path.open("rb") as handle:
+            number = 0
+            while raw := handle.readline(limit + 1):
+                number += 1
+                self.bytes_read += len(raw)
+                if len(raw) > limit:
+                    while raw and not raw.endswith(b"\n"):  # skip the rest of the over-long line unread
+                        raw = handle.readline(limit)
+                    self._problem(number, f"longer than validate.max_line_bytes={limit}")
+                    continue
+                raw = raw.removeprefix(_BOM) if number == 1 else raw
+                if not raw.strip():
+                    continue
+                row, shape, problem = _parse_line(raw, truncated=not raw.endswith(b"\n"), expected=self.format)
+                if shape and self.format is None:
+                    self.format, first_line = shape, number
+                elif shape and shape != self.format:
+                    problem = (
+                        f"a row in the {shape} shape, but the file's format is {self.format} (detected from line "
+                        f"{first_line}); one file holds one format: convert the file to a single shape"
+                    )
+                    row = None
+                if problem:
+                    self._problem(number, problem)
+                elif row is not None:
+                    self.rows_read += 1
+                    yield (f"{self.label}:{number}" if self.label else number), row
+
+
+def split_readers(path: Path, max_line_bytes: int = 1_000_000) -> list[JsonlReader]:
+    """One reader per file of the split (`split_files`); a folder split's rows are named `<file>:<line>`."""
+    files = split_files(path)
+    folder = path.is_dir()
+    return [JsonlReader(f, max_line_bytes, f.name if folder else None) for f in files]
+
+
+def parse_jsonl(path: Path, max_line_bytes: int = 1_000_000) -> ParsedFile:
+    """Read every row of a split (a file, or a folder of them) with where it is, collecting what is
+    structurally wrong instead of stopping. The format is the file's; a folder's is its files' formats,
+    joined with "+" when they differ.
+
+    Raises:
+        LLMOpsError: the file or folder does not exist (or the folder holds no JSONL file).
+    """
     parsed = ParsedFile()
-    with path.open("rb") as handle:
-        head = handle.read(8192).removeprefix(_BOM)
-    if not head.strip():
-        parsed.problems.append(RowProblem(0, "the file is empty"))
-    elif head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        parsed.problems.append(RowProblem(0, "the file is UTF-16 encoded; save it as UTF-8"))
-    elif b"\x00" in head:
-        parsed.problems.append(RowProblem(0, "the file is binary, not JSON Lines text"))
-    elif head.lstrip().startswith(b"["):
-        message = "the file is one JSON array; JSON Lines needs one object per line (convert it with: jq -c '.[]' FILE)"
-        parsed.problems.append(RowProblem(0, message))
-    if parsed.problems:
-        return parsed
-    first_line = 0
-    with path.open("rb") as handle:
-        number = 0
-        while raw := handle.readline(max_line_bytes + 1):
-            number += 1
-            if len(raw) > max_line_bytes:
-                while raw and not raw.endswith(b"\n"):  # skip the rest of the over-long line unread
-                    raw = handle.readline(max_line_bytes)
-                parsed.problems.append(RowProblem(number, f"longer than validate.max_line_bytes={max_line_bytes}"))
-                continue
-            raw = raw.removeprefix(_BOM) if number == 1 else raw
-            if not raw.strip():
-                continue
-            row, shape, problem = _parse_line(raw, truncated=not raw.endswith(b"\n"), expected=parsed.format)
-            if shape and parsed.format is None:
-                parsed.format, first_line = shape, number
-            elif shape and shape != parsed.format:
-                problem = (
-                    f"a row in the {shape} shape, but the file's format is {parsed.format} (detected from line "
-                    f"{first_line}); one file holds one format: convert the file to a single shape"
-                )
-                row = None
-            parsed.rows.extend([(number, row)] if row else [])
-            parsed.problems.extend([RowProblem(number, problem)] if problem else [])
+    formats = []
+    for reader in split_readers(path, max_line_bytes):
+        parsed.rows.extend(reader)
+        parsed.problems.extend(reader.problems)
+        formats.append(reader.format)
+    parsed.format = "+".join(dict.fromkeys(f for f in formats if f)) or None
     return parsed
 
 
@@ -224,28 +350,25 @@ def _alpaca(row: dict[str, Any]) -> Conversation:
 
 
 def _turns(items: Any, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> Conversation:
+    """The turns as written. Only what no reading could fix is an error here (not a list of objects, an
+    unknown role, content that is not text, a weight other than 0 or 1): the order of the turns is for
+    cleaning to judge, row by row (`structure_problem`)."""
     if not isinstance(items, list) or not items:
         raise ValueError(f"{key} must be a non-empty list of turns")
     turns = []
     for index, item in enumerate(items, 1):
         if not isinstance(item, dict):
             raise ValueError(f"{key} turn {index} is {type(item).__name__}, expected an object")
-        role, content = item.get(role_key), item.get(content_key)
+        role, content, weight = item.get(role_key), item.get(content_key), item.get("weight", 1)
         if role not in roles:
             raise ValueError(
                 f"{key} turn {index} has unknown {role_key} {role!r} (accepted: {', '.join(sorted(roles))})"
             )
         if not isinstance(content, str):
             raise ValueError(f"{key} turn {index}: {content_key} is {type(content).__name__}, must be a string")
-        turns.append(Turn(roles[role], content))
-    if any(t.role == "system" for t in turns[1:]):
-        raise ValueError(f"{key}: a system turn may only come first")
-    if next((t.role for t in turns if t.role != "system"), "user") != "user":
-        raise ValueError(f"{key}: the first turn after the system turn must be the user's")
-    if not any(t.role == "assistant" for t in turns):
-        raise ValueError(f"{key} has no assistant turn: nothing to learn from")
-    if turns[-1].role != "assistant":
-        raise ValueError(f"{key} ends on a {turns[-1].role} turn; the last turn must be the assistant's")
+        if weight not in (0, 1) or isinstance(weight, float):
+            raise ValueError(f"{key} turn {index}: weight is {weight!r}, must be 0 (context only) or 1 (trains)")
+        turns.append(Turn(roles[role], content, train=weight == 1))
     return Conversation(tuple(turns))
 
 
@@ -259,7 +382,8 @@ _READERS = {
 
 
 def read_conversations(path: Path) -> list[Conversation]:
-    """Read a dataset that is known to be valid (it passed the validate stage), in any accepted shape."""
+    """Read a split (a file or a folder) that is known to be valid (it passed the validate stage), in any
+    accepted shape."""
     parsed = parse_jsonl(path)
     if parsed.problems:
         raise LLMOpsError(f"{path} has malformed rows ({parsed.problems[0]}); run `llmops validate --data {path}`.")
@@ -291,6 +415,7 @@ class DatasetRef(BaseModel, frozen=True):
     raw_train_md5: str | None = None
     raw_eval_md5: str | None = None
     dropped: dict[str, int] = {}  # rows removed by cleaning, by reason, both splits
+    repaired: dict[str, int] = {}  # rows cleaning mended (e.g. opening assistant turns dropped), by kind
     chat_template: str | None = None  # data.chat_template's Jinja text, when set
     dvc_file: Path | None = None  # the .dvc file tracking the training data, when it is DVC-tracked
     dvc_version: str | None = None  # the hash that .dvc file records
@@ -310,8 +435,8 @@ class DatasetRef(BaseModel, frozen=True):
             eval=eval,
             train_rows=len(read_conversations(train)),
             eval_rows=len(read_conversations(eval)),
-            train_md5=file_md5(train),
-            eval_md5=file_md5(eval),
+            train_md5=split_md5(train),
+            eval_md5=split_md5(eval),
         )
 
     def lineage_tags(self) -> dict[str, str]:
@@ -325,6 +450,7 @@ class DatasetRef(BaseModel, frozen=True):
             "dataset.cleaned_train_md5": self.train_md5,
             "dataset.cleaned_eval_md5": self.eval_md5,
             "dataset.dropped": json.dumps(self.dropped, sort_keys=True),
+            "dataset.repaired": json.dumps(self.repaired, sort_keys=True),
             "dataset.validation": "passed",
         }
 
@@ -357,6 +483,15 @@ def file_md5(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def split_md5(path: Path) -> str:
+    """A split's content hash: the file's MD5, or for a folder the MD5 of its files' names and MD5s (so a
+    renamed, added or changed file changes it)."""
+    if path.is_file():
+        return file_md5(path)
+    listing = "".join(f"{f.name} {file_md5(f)}\n" for f in split_files(path))
+    return hashlib.md5(listing.encode()).hexdigest()
 
 
 # --- Versioning with DVC: the only place that calls it. -------------------------------------------------

@@ -23,7 +23,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from llmops.chat import IGNORE_INDEX, render, render_prompt
+from llmops.chat import IGNORE_INDEX, end_of_turn_ids, render, render_prompt
 from llmops.data import Conversation, Turn
 from llmops.devices import GPTQ_KERNELS
 from llmops.errors import LLMOpsError
@@ -213,11 +213,12 @@ class Generation:
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
-    """Every token that ends a generation: the tokenizer's EOS and each id in the model's
-    generation_config.eos_token_id (a list for Llama-3 and Qwen style chat models, such as `<|im_end|>`)."""
+    """Every token that ends a generation: the tokenizer's EOS, the token the chat template ends an assistant
+    turn with (`<end_of_turn>`, `<|end|>`: what training taught the model to say last), and each id in the
+    model's generation_config.eos_token_id (a list for Llama-3 and Qwen style chat models)."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     configured = configured if isinstance(configured, list) else [configured]
-    ids = [tokenizer.eos_token_id, *configured]
+    ids = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer), *configured]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 

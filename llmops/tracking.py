@@ -1,25 +1,17 @@
-"""MLflow: one run per retrain, the model registry, and the champion's history.
+"""MLflow: one run per retrain, and registering its model as a new version.
 
-With the promote stage, this is the only code that touches the registry. Aliases: `champion` is the model
-in production, `challenger` the latest candidate the gate rejected. Every change of champion is appended to
-the registered model's tags as a `champion_history.NNNN` event, so who is champion, since when and why can
-always be read back, and a rollback replays that history instead of guessing.
-
-Every write to a registered model's versions, aliases and history happens under `registry_lock`, one writer
-at a time per registered model, whichever process or machine it runs on.
+The registered model itself (aliases, the champion's history, rollback, the lock that serializes writers, the
+quick answers) is `llmops.registry`; its names are re-exported here for the callers that know them as
+`tracking.*`. With the promote stage, these two modules are the only code that touches the registry.
 """
 
 from __future__ import annotations
 
-import getpass
-import json
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,34 +24,26 @@ from pydantic import BaseModel
 
 from llmops import console
 from llmops.config import Params, RegistryParams, TrackingParams
-from llmops.errors import LLMOpsError
-from llmops.files import exclusive, mask_secrets, masked
-from llmops.registry import CHAMPION, HISTORY_TAG, champion_stack, registry_lock
+from llmops.files import mask_secrets, masked
+from llmops.registry import (  # noqa: F401  (re-exported: callers know them as tracking.*)
+    CHALLENGER,
+    CHAMPION,
+    HISTORY_TAG,
+    candidate_metrics,
+    champion_history,
+    champion_stack,
+    champion_version,
+    client_for,
+    describe_champion,
+    describe_version,
+    download_champion,
+    registry_lock,
+    rollback,
+    set_alias,
+)
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger(console.PROGRESS)
-
-CHALLENGER = "challenger"
-
-
-_opened: set[str] = set()
-
-
-def client_for(tracking: TrackingParams) -> MlflowClient:
-    # MLflow prints "View run ... at: <tracking URI>" when a run on a tracking server ends: that URI may carry
-    # a password, and the output is kept in the run's log.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    mlflow.set_tracking_uri(tracking.uri)
-    if tracking.uri in _opened or not tracking.uri.startswith("sqlite:///"):
-        return MlflowClient(tracking.uri)
-    # Two processes creating the same new SQLite store at once both create its tables, and the second fails
-    # ("table ... already exists"): the first opening in each process is serialized.
-    db = Path(tracking.uri.removeprefix("sqlite:///").split("?")[0])
-    with exclusive(db.with_name(f"{db.name}.locks") / "open.lock", "waiting for another process to create the store"):
-        client = MlflowClient(tracking.uri)
-        client.search_registered_models(max_results=1)  # the registry's tables too
-    _opened.add(tracking.uri)
-    return client
 
 
 def git_commit(root: Path) -> str:
@@ -107,6 +91,8 @@ class TrackedRun:
         experiment_id = _experiment_id(self.client, name, self.params.tracking.artifact_location)
         run = self.client.create_run(experiment_id, run_name=self.run_name, tags=masked(self.tags))
         self.run_id = run.info.run_id
+        if flow_run := self.tags.get("prefect_flow_run_id"):
+            self._close_dead_attempts(experiment_id, flow_run)
         if self.run_dir is not None:
             console.move_log(self.run_dir)
         # Credentials in URIs (a tracking server's password, say) are masked: the store keeps no secret.
@@ -115,6 +101,16 @@ class TrackedRun:
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
         self.client.log_dict(self.run_id, effective, "params.json")
         return self
+
+    def _close_dead_attempts(self, experiment_id: str, flow_run: str) -> None:
+        """An earlier attempt of this flow run whose process died with its host could not end its MLflow run:
+        this attempt marks it FAILED, so nothing reads it as live, or as the run's result."""
+        query = f"tags.prefect_flow_run_id = '{flow_run}' and attributes.status = 'RUNNING'"
+        for earlier in self.client.search_runs([experiment_id], filter_string=query):
+            if earlier.info.run_id != self.run_id:
+                message = f"its process died; the flow run was retried as MLflow run {self.run_id}"
+                self.client.set_tag(earlier.info.run_id, "error", message)
+                self.client.set_terminated(earlier.info.run_id, "FAILED")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:
@@ -226,143 +222,3 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
-
-
-def set_alias(tracking: TrackingParams, registry: RegistryParams, alias: str, version: str, reason: str) -> None:
-    """Point `alias` at `version`; a new champion is also appended to the champion history."""
-    with registry_lock(tracking, registry):
-        client = client_for(tracking)
-        client.set_registered_model_alias(registry.model_name, alias, version)
-        client.set_model_version_tag(registry.model_name, version, f"{alias}_reason", reason)
-        if alias == CHAMPION:
-            _append_history(client, registry.model_name, {"event": "promote", "version": version, "reason": reason})
-
-
-def _append_history(client: MlflowClient, name: str, event: dict[str, str]) -> None:
-    """Add the next `champion_history.NNNN` tag; callers hold `registry_lock`, so no two appends share a number."""
-    tags = client.get_registered_model(name).tags
-    numbers = [int(key.removeprefix(HISTORY_TAG)) for key in tags if key.startswith(HISTORY_TAG)]
-    event = {**event, "at": datetime.now(UTC).isoformat(timespec="seconds"), "by": getpass.getuser()}
-    client.set_registered_model_tag(name, f"{HISTORY_TAG}{max(numbers, default=0) + 1:04d}", json.dumps(event))
-
-
-def champion_history(client: MlflowClient, name: str) -> list[dict[str, str]]:
-    """Every change of champion, oldest first."""
-    try:
-        tags = client.get_registered_model(name).tags
-    except MlflowException:
-        return []
-    return [json.loads(tags[key]) for key in sorted(tags) if key.startswith(HISTORY_TAG)]
-
-
-def champion_version(tracking: TrackingParams, registry: RegistryParams) -> ModelVersion | None:
-    try:
-        return client_for(tracking).get_model_version_by_alias(registry.model_name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def download_champion(tracking: TrackingParams, registry: RegistryParams, dest_root: Path) -> Path | None:
-    """Fetch the champion's model folder (cached per version under `dest_root`); None when there is none."""
-    champion = champion_version(tracking, registry)
-    if champion is None:
-        return None
-    dest = dest_root / f"{registry.model_name}-v{champion.version}"
-    if not dest.exists():
-        tmp = dest.with_name(dest.name + ".partial")
-        tmp.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(f"models:/{registry.model_name}/{champion.version}", dst_path=str(tmp))
-        tmp.rename(dest)
-    return next(config.parent for config in sorted(dest.rglob("config.json")))
-
-
-def rollback(tracking: TrackingParams, registry: RegistryParams, reason: str) -> tuple[str, str]:
-    """Move `champion` back to the version it displaced; returns (from_version, to_version)."""
-    client = client_for(tracking)
-    with registry_lock(tracking, registry):
-        stack = champion_stack(champion_history(client, registry.model_name))
-        if len(stack) < 2:
-            raise LLMOpsError(
-                f"Registered model {registry.model_name!r} has no previous champion to roll back to "
-                f"(champion history holds {len(stack)} promotion(s)). Nothing was changed."
-            )
-        current, previous = stack[-1], stack[-2]
-        client.set_registered_model_alias(registry.model_name, CHAMPION, previous)
-        client.set_model_version_tag(registry.model_name, previous, f"{CHAMPION}_reason", reason)
-        _append_history(
-            client,
-            registry.model_name,
-            {"event": "rollback", "version": previous, "from": current, "reason": reason},
-        )
-    return current, previous
-
-
-def describe_champion(tracking: TrackingParams, registry: RegistryParams) -> dict[str, Any] | None:
-    """What `llmops status` shows: the champion version, its metrics, lineage and history."""
-    champion = champion_version(tracking, registry)
-    if champion is None:
-        return None
-    client = client_for(tracking)
-    return {
-        "model": registry.model_name,
-        "version": champion.version,
-        "registered_at": datetime.fromtimestamp(champion.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
-        "run_id": champion.run_id,
-        "metrics": candidate_metrics(tracking, champion.run_id),
-        "lineage": {k: v for k, v in champion.tags.items() if k.startswith("lineage.")},
-        "reason": champion.tags.get(f"{CHAMPION}_reason", ""),
-        "history": champion_history(client, registry.model_name),
-    }
-
-
-def describe_version(tracking: TrackingParams, registry: RegistryParams, version: str) -> dict[str, Any]:
-    """What `llmops lineage` shows: where a registered version came from, and how to get its data back."""
-    client = client_for(tracking)
-    try:
-        mv = client.get_model_version(registry.model_name, version)
-    except MlflowException:
-        raise LLMOpsError(
-            f"Registered model {registry.model_name!r} has no version {version}; "
-            "`llmops status` lists the champion and its history."
-        ) from None
-    run = client.get_run(mv.run_id)
-    artifacts = {a.path for a in client.list_artifacts(mv.run_id)}
-    params = json.loads(Path(client.download_artifacts(mv.run_id, "params.json")).read_text())
-    decision = None
-    if "stages/gate.json" in {a.path for a in client.list_artifacts(mv.run_id, "stages")}:
-        decision = json.loads(Path(client.download_artifacts(mv.run_id, "stages/gate.json")).read_text())
-    dvc_file = run.data.tags.get("dataset.dvc_file", "")
-    commit = mv.tags.get("lineage.git_commit", "unknown")
-    record = (
-        Path(client.download_artifacts(mv.run_id, "dataset.dvc")).read_text() if "dataset.dvc" in artifacts else None
-    )
-    restore = []
-    if record and dvc_file:
-        restore = [
-            f"mlflow artifacts download -u runs:/{mv.run_id}/dataset.dvc -d /tmp/llmops-lineage",
-            f"cp /tmp/llmops-lineage/dataset.dvc {dvc_file}",
-            f"dvc pull {dvc_file}",
-        ]
-    return {
-        "model": registry.model_name,
-        "version": str(mv.version),
-        "aliases": list(mv.aliases),
-        "dataset": {k.removeprefix("dataset."): v for k, v in run.data.tags.items() if k.startswith("dataset.")},
-        "dataset_record": record,  # the .dvc record of the training data, when it was DVC-tracked
-        "restore_data": restore,
-        "git_commit": commit,
-        "params_hash": mv.tags.get("lineage.params_hash"),
-        "params": params,
-        "gate": decision,
-        "prefect_flow_run_id": mv.tags.get("lineage.prefect_flow_run_id"),
-        "mlflow_run_id": mv.run_id,
-        "reason": mv.tags.get("lineage.reason"),
-    }
-
-
-def candidate_metrics(tracking: TrackingParams, run_id: str) -> dict[str, float]:
-    prefix = "evaluate.candidate."
-    metrics = client_for(tracking).get_run(run_id).data.metrics
-    return {
-        k.removeprefix(prefix): v for k, v in sorted(metrics.items()) if k.startswith(prefix) and k != f"{prefix}rows"
-    }

@@ -82,12 +82,17 @@ def world(seed: int) -> dict[str, dict[str, str]]:
 
 @dataclass(frozen=True)
 class DemoDataset:
-    train: Path
+    train: Path  # a folder split: train/demo.jsonl, beside which ingested batches land as files of their own
     eval: Path
 
 
+DEMO_FILE = "demo.jsonl"
+
+
 def build_demo_dataset(params: BootstrapParams, out: Path) -> DemoDataset:
-    """Write every (question, entity) pair once, split at random: eval pairs never appear in train.
+    """Write every (question, entity) pair once, split at random: eval pairs never appear in train. Each split
+    is a folder (`out/train/`, `out/eval/`) holding the export as one file, as a team's dataset folder holds
+    its exports.
 
     Deterministic for a seed, so every clone builds the exact dataset that `data/demo.dvc` records.
     """
@@ -100,10 +105,22 @@ def build_demo_dataset(params: BootstrapParams, out: Path) -> DemoDataset:
     ]
     random.Random(params.seed).shuffle(pairs)
     held_out = round(len(pairs) * params.eval_fraction)
-    with atomic_dir(out) as tmp:
-        write_jsonl(tmp / "train.jsonl", chats(pairs[held_out:]))
-        write_jsonl(tmp / "eval.jsonl", chats(pairs[:held_out]))  # data only: DVC versions this folder byte for byte
-    return DemoDataset(train=out / "train.jsonl", eval=out / "eval.jsonl")
+    with atomic_dir(out) as tmp:  # data only: DVC versions this folder byte for byte
+        write_jsonl(tmp / "train" / DEMO_FILE, chats(pairs[held_out:]))
+        write_jsonl(tmp / "eval" / DEMO_FILE, chats(pairs[:held_out]))
+    return DemoDataset(train=out / "train", eval=out / "eval")
+
+
+def move_to_split_folders(out: Path) -> bool:
+    """A demo dataset built before splits were folders (`out/train.jsonl`, `out/eval.jsonl`) moved into
+    `out/train/demo.jsonl` and `out/eval/demo.jsonl`, rows folded in since included. True if it moved."""
+    old = [out / "train.jsonl", out / "eval.jsonl"]
+    if not all(f.is_file() for f in old) or (out / "train").exists() or (out / "eval").exists():
+        return False
+    for file in old:
+        (out / file.stem).mkdir()
+        file.rename(out / file.stem / DEMO_FILE)
+    return True
 
 
 def chats(pairs: list[tuple[str, str]]) -> list[Conversation]:
@@ -232,7 +249,8 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     build_base_model(params.bootstrap, Path(params.model.base))
-    build_demo_dataset(params.bootstrap, params.data.train.parent)
+    if not move_to_split_folders(params.data.train.parent):
+        build_demo_dataset(params.bootstrap, params.data.train.parent)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from llmops.training import (
     TrainingOutcome,
     linear_layers,
     resolve_target_modules,
+    training_slot,
 )
 
 log = logging.getLogger(__name__)
@@ -187,34 +188,40 @@ def run_training(job: TrainingJob) -> TrainingOutcome:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     # Library deprecation notices, once per rank and step, would bury the progress lines.
     env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
-    if not resolve_placement(job.device, job.dtype).on_gpu:
+    on_cpu = not resolve_placement(job.device, job.dtype).on_gpu
+    if on_cpu:
         env["DS_ACCELERATOR"] = "cpu"  # ranks talk over gloo
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // distributed.processes)))
-    process = subprocess.Popen(
-        training_command(job_file, distributed),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-        env=env,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
-    tail: deque[str] = deque(maxlen=12)
-    try:
-        while (line := lines.get(timeout=distributed.timeout_minutes * 60)) is not None:
-            tail.append(line)
-            log.info("%s", line)
-        code = process.wait()
-    except queue.Empty:
-        raise TrainingFailed(
-            f"Training printed nothing for {distributed.timeout_minutes:g} minutes, so a rank is hung or "
-            "deadlocked; every training process was stopped. Last lines:\n" + "\n".join(tail)
-        ) from None
-    finally:
-        _stop_group(process)
-        job_file.unlink()
+    # This host's trainings take turns (or, with more slots, each gets its share of the cores): the slot is
+    # held from before the processes start until they are all gone, and only then.
+    with training_slot(job.params.host_slots, distributed.processes) as share:
+        if on_cpu:
+            threads = int((os.cpu_count() or 1) * share) // distributed.processes
+            env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
+        process = subprocess.Popen(
+            training_command(job_file, distributed),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+            env=env,
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+        tail: deque[str] = deque(maxlen=12)
+        try:
+            while (line := lines.get(timeout=distributed.timeout_minutes * 60)) is not None:
+                tail.append(line)
+                log.info("%s", line)
+            code = process.wait()
+        except queue.Empty:
+            raise TrainingFailed(
+                f"Training printed nothing for {distributed.timeout_minutes:g} minutes, so a rank is hung or "
+                "deadlocked; every training process was stopped. Last lines:\n" + "\n".join(tail)
+            ) from None
+        finally:
+            _stop_group(process)
+            job_file.unlink()
     if job.error_file.exists():  # the training raised: its own message, no out-of-memory guesswork
         error = TrainingErrorReport.model_validate_json(job.error_file.read_text())
         if error.user_error:

@@ -21,7 +21,16 @@ from pydantic import BaseModel
 
 from llmops.chat import load_chat_template
 from llmops.config import ValidateParams
-from llmops.data import batch_files, dvc_lock, dvc_root, parse_jsonl, track, tracked_version, write_jsonl
+from llmops.data import (
+    batch_files,
+    dvc_lock,
+    dvc_root,
+    parse_jsonl,
+    split_files,
+    track,
+    tracked_version,
+    write_jsonl,
+)
 from llmops.errors import LLMOpsError
 from llmops.traffic import judged_traffic, traffic_log
 from tasks.validate import DataReport, ExcessLength, InvalidData, check_split
@@ -67,6 +76,7 @@ def ingest_dataset(
     archive: bool = False,
     excess_length: ExcessLength = "drop",
     chat_template: Path | None = None,
+    out: Path | None = None,
 ) -> IngestResult:
     """Validate `new` (a JSONL file, or a folder of them taken as one batch), append it to (or replace)
     `train`, and `dvc add` + push the dataset folder. With `archive`, the ingested files are then moved to
@@ -78,7 +88,10 @@ def ingest_dataset(
 
     The batch is cleaned and judged like a split (rows already in `train` count as duplicates). It is added
     as it was given (cleaning happens again when the training set is validated); rows in another row shape
-    than `train` are stored with it in the `messages` shape, since one file holds one format.
+    than `train` are stored with it in the `messages` shape, since one file holds one format. When `train`
+    is a folder split, its files stay as they are: the new rows land as a file of their own in it,
+    `ingested-<UTC time>-<batch name>.jsonl`. With `out` (the validate stage's), the training set the rows
+    make is checked as the validate stage checks it, and that stage reuses the check.
 
     Raises:
         InvalidData: the new rows, or the training set they would make, fail validation (nothing changed).
@@ -137,28 +150,33 @@ def ingest_dataset(
                     version=version,
                     traffic=traffic,
                 )
-            candidate = scratch / "candidate.jsonl"
-            sources = ([train] if existing else []) + parts  # the rows kept, then the new ones
-            parsed = ([existing] if existing else []) + [parse_jsonl(part, params.max_line_bytes) for part in parts]
-            if len({p.format for p in parsed}) == 1:  # one shape: the files' own bytes
-                _concatenate(sources, candidate)
+            if train.is_dir():
+                combined, version = _add_to_folder(train, new, parts, params, scratch, mode, base_model, max_seq_len,
+                                                   eval, options, out)  # fmt: skip
             else:
-                write_jsonl(candidate, [c for p in parsed for _, c in p.rows])
-            combined = check_split(params, base_model, max_seq_len, candidate, other=eval, **options)
-            if not combined.ok:  # e.g. the new rows duplicate existing ones
-                raise InvalidData(DataReport(splits=[combined.model_copy(update={"path": train})]))
-            # A hard link keeps the old file reachable without a moment where `train` is missing; it lives
-            # outside the tracked folder so `dvc add` never versions it.
-            backup = scratch / "before.jsonl"
-            if train.exists():
-                os.link(train, backup)
-            os.replace(candidate, train)  # atomic: readers see the old file or the new one, never half of one
-            try:
-                version = track(train.parent)
-            except BaseException:
-                if backup.exists():
-                    os.replace(backup, train)
-                raise
+                candidate = scratch / "candidate.jsonl"
+                sources = ([train] if existing else []) + parts  # the rows kept, then the new ones
+                parsed = [existing] if existing else []
+                parsed += [parse_jsonl(part, params.max_line_bytes) for part in parts]
+                if len({p.format for p in parsed}) == 1:  # one shape: the files' own bytes
+                    _concatenate(sources, candidate)
+                else:
+                    write_jsonl(candidate, [c for p in parsed for _, c in p.rows])
+                combined = check_split(params, base_model, max_seq_len, candidate, other=eval, **options)
+                if not combined.ok:  # e.g. the new rows duplicate existing ones
+                    raise InvalidData(DataReport(splits=[combined.model_copy(update={"path": train})]))
+                # A hard link keeps the old file reachable without a moment where `train` is missing; it lives
+                # outside the tracked folder so `dvc add` never versions it.
+                backup = scratch / "before.jsonl"
+                if train.exists():
+                    os.link(train, backup)
+                os.replace(candidate, train)  # atomic: readers see the old file or the new one, never half of one
+                try:
+                    version = track(train.parent)
+                except BaseException:
+                    if backup.exists():
+                        os.replace(backup, train)
+                    raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         if archive and files:
@@ -175,6 +193,38 @@ def ingest_dataset(
             version=version,
             traffic=traffic,
         )
+
+
+def _add_to_folder(train, new, parts, params, scratch, mode, base_model, max_seq_len, eval, options, out):
+    """The new rows as a file of their own in the folder split `train` (its other files replaced in `replace`
+    mode), checked first as the split they make, then versioned. Returns (that check, the new version)."""
+    parsed = [parse_jsonl(part, params.max_line_bytes) for part in parts]
+    staged = scratch / train.name  # the split as it will be: the same names, so the validate stage reuses the check
+    staged.mkdir()
+    kept = split_files(train) if mode == "append" else []
+    for f in kept:
+        os.link(f, staged / f.name)
+    target = staged / f"ingested-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}-{new.stem}.jsonl"
+    if len({p.format for p in parsed}) == 1:  # one shape: the batch's own bytes
+        _concatenate(parts, target)
+    else:
+        write_jsonl(target, [c for p in parsed for _, c in p.rows])
+    combined = check_split(params, base_model, max_seq_len, staged, other=eval, out=out, **options)
+    if not combined.ok:  # e.g. the new rows duplicate existing ones
+        raise InvalidData(DataReport(splits=[combined.model_copy(update={"path": train})]))
+    replaced = [] if mode == "append" else split_files(train)
+    backup = scratch / "before"
+    backup.mkdir()
+    for f in replaced:  # kept reachable outside the tracked folder until the new version is pushed
+        os.replace(f, backup / f.name)
+    os.replace(target, train / target.name)
+    try:
+        return combined, track(train.parent)
+    except BaseException:
+        (train / target.name).unlink(missing_ok=True)
+        for f in replaced:
+            os.replace(backup / f.name, f)
+        raise
 
 
 def _concatenate(files: list[Path], out: Path) -> Path:

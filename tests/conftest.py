@@ -27,7 +27,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Path:
-    """The default bootstrap, built once: `model/` and `data/{train,eval}.jsonl`."""
+    """The default bootstrap, built once: `model/` and the demo splits `data/train/` and `data/eval/` (folders)."""
     root = tmp_path_factory.mktemp("assets")
     params = load_params(PROJECT / "params.yaml")
     build_base_model(params.bootstrap, root / "model")
@@ -41,7 +41,7 @@ def demo_data(assets):
     from llmops.config import ValidateParams
     from tasks.validate import validate_dataset
 
-    train, eval_ = assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
+    train, eval_ = assets / "data" / "train", assets / "data" / "eval"
     return validate_dataset(ValidateParams(), str(assets / "model"), 1024, train, eval_).require_valid()
 
 
@@ -78,7 +78,7 @@ def write_params(folder: Path, assets: Path, **overrides) -> Path:
     given as `section__key=value`."""
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
     raw["model"]["base"] = str(assets / "model")
-    raw["data"] = {"train": str(assets / "data" / "train.jsonl"), "eval": str(assets / "data" / "eval.jsonl")}
+    raw["data"] = {"train": str(assets / "data" / "train"), "eval": str(assets / "data" / "eval")}
     raw["tracking"] = {
         "uri": f"sqlite:///{folder / 'mlflow.db'}",
         "artifact_location": str(folder / "mlartifacts"),
@@ -133,7 +133,7 @@ def make_dvc_project(folder: Path, assets: Path, **overrides) -> Path:
     track(folder / "data" / "demo")
     params_file = write_params(folder, assets, **overrides)
     raw = yaml.safe_load(params_file.read_text())
-    raw["data"] = {"train": "data/demo/train.jsonl", "eval": "data/demo/eval.jsonl"}
+    raw["data"] = {"train": "data/demo/train", "eval": "data/demo/eval"}
     params_file.write_text(yaml.safe_dump(raw))
     run("git", "add", "-A")
     run("git", "commit", "-qm", "project with DVC-tracked data")

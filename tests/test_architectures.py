@@ -33,8 +33,8 @@ from tests.conftest import PROJECT, register, training_processes, write_params
 def few_rows(assets, tmp_path_factory):
     """48 training rows and 12 eval rows of the demo data: enough for one epoch and a GPTQ calibration."""
     folder = tmp_path_factory.mktemp("few-rows")
-    write_jsonl(folder / "train.jsonl", read_conversations(assets / "data" / "train.jsonl")[:48])
-    write_jsonl(folder / "eval.jsonl", read_conversations(assets / "data" / "eval.jsonl")[:12])
+    write_jsonl(folder / "train.jsonl", read_conversations(assets / "data" / "train")[:48])
+    write_jsonl(folder / "eval.jsonl", read_conversations(assets / "data" / "eval")[:12])
     return validate_dataset(
         ValidateParams(), str(assets / "model"), 1024, folder / "train.jsonl", folder / "eval.jsonl"
     ).require_valid()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmops.cli import main
-from tests.conftest import write_params
+from tests.conftest import PROJECT, write_params
 
 
 def last_json(capsys) -> dict:
@@ -17,7 +17,7 @@ def last_json(capsys) -> dict:
 
 
 def test_validate_accepts_good_data(params_file, assets, capsys):
-    args = ["--params", str(params_file), "validate", "--data", str(assets / "data" / "train.jsonl"), "--json"]
+    args = ["--params", str(params_file), "validate", "--data", str(assets / "data" / "train"), "--json"]
     assert main(args) == 0
     report = last_json(capsys)
     assert report["ok"] and report["rows"] > 100 and report["problems"] == []
@@ -175,7 +175,7 @@ def test_run_on_a_messy_multi_turn_export_trains_gates_and_reports_what_was_drop
     from llmops.config import load_params
     from llmops.data import Conversation, Turn, read_conversations, write_jsonl
 
-    chats = read_conversations(assets / "data" / "train.jsonl")
+    chats = read_conversations(assets / "data" / "train")
     assert any(len(c.turns) > 3 for c in chats)  # the demo export is multi-turn, with a system prompt
     rambling = Turn("user", "Tell me " + "more and " * 80 + "what color is the tiger?")
     export = [
@@ -309,8 +309,8 @@ sys.exit(code)
 """
 
 
-def test_status_lineage_rollback_and_help_answer_without_importing_ml_libraries(tmp_path):
-    """The quick commands read the registry without torch, transformers or Great Expectations, and the
+def test_status_lineage_and_help_answer_without_importing_ml_libraries(tmp_path):
+    """The quick commands read the registry without MLflow, torch, transformers or Great Expectations, and the
     embedded store's quick reads give what MLflow itself answers."""
 
     from llmops import registry, tracking
@@ -345,14 +345,14 @@ def test_status_lineage_rollback_and_help_answer_without_importing_ml_libraries(
         (model / "weights.bin").write_text(str(number))  # two different models
         promote(params.registry, params.tracking, GateDecision(passed=True, checks=[]), model, lineage)
 
-    assert registry.describe_champion(params.tracking, params.registry) == tracking.describe_champion(
-        params.tracking, params.registry
+    assert registry.describe_champion(params.tracking, params.registry) == registry.describe_champion(
+        params.tracking, params.registry, quick=False
     )
-    assert registry.describe_version(params.tracking, params.registry, "1") == tracking.describe_version(
-        params.tracking, params.registry, "1"
+    assert registry.describe_version(params.tracking, params.registry, "1") == registry.describe_version(
+        params.tracking, params.registry, "1", quick=False
     )
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}
-    for command in (["status", "--json"], ["lineage", "1"], ["--help"], ["run", "--help"], ["rollback"]):
+    for command in (["status", "--json"], ["lineage", "1"], ["--help"], ["run", "--help"]):
         done = subprocess.run(
             [sys.executable, "-c", IMPORTS_AFTER.format(heavy=(*HEAVY, "mlflow")), "--params", str(params_file)]
             + command,
@@ -362,10 +362,10 @@ def test_status_lineage_rollback_and_help_answer_without_importing_ml_libraries(
         )
         assert done.returncode == 0, done.stderr
         assert "heavy: []" in done.stderr, (command, done.stderr[-500:])
-    # The rollback went to the store itself: MLflow sees the alias moved and the history grown, as its own
-    # rollback would have left them.
+    # A rollback writes through MLflow (never behind its back); the quick reads see what it wrote.
+    assert main(["--params", str(params_file), "rollback"]) == 0
     assert tracking.champion_version(params.tracking, params.registry).version == 1
-    status = tracking.describe_champion(params.tracking, params.registry)
+    status = registry.describe_champion(params.tracking, params.registry, quick=False)
     assert status == registry.describe_champion(params.tracking, params.registry)
     assert [(e["event"], e["version"]) for e in status["history"]] == [
         ("promote", "1"),
@@ -496,3 +496,28 @@ def test_a_password_in_the_tracking_uri_is_never_stored_or_printed(tmp_path, ass
     assert leaks == []  # the server's store and artifacts, the run folder and its log, Prefect's database
     (log,) = load_params(params_file).work_dir.glob("runs/*/run.log")
     assert f"at: http://llmops:***@127.0.0.1:{port}/#/experiments/" in log.read_text()  # printed, and masked
+
+
+def test_commands_print_what_a_person_needs_and_name_the_log_with_the_rest(params_file, tmp_path):
+    """`llmops validate` on a 300-row export: the verdict and what cleaning did, not Great Expectations' INFO
+    lines (about 300 of them), which go to a log file named on the last line."""
+
+    def row(i: int) -> dict:
+        return {"conversations": [{"from": "human", "value": f"Color of item {i}?"}, {"from": "gpt", "value": "red"}]}
+
+    rows = [row(i) for i in range(290)] + [row(7)] * 9 + [{"conversations": [{"from": "human", "value": "Hm?"}]}]
+    export = tmp_path / "export.jsonl"
+    export.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    cli = [sys.executable, "-m", "llmops.cli", "--params", str(params_file)]
+    done = subprocess.run([*cli, "validate", "--data", str(export)], capture_output=True, text=True, env=env)
+    lines = (done.stdout + done.stderr).splitlines()
+    assert done.returncode == 0 and 2 <= len(lines) <= 15, lines
+    assert lines[0] == f"{export}: sharegpt format, 300 rows read, 290 kept, valid"
+    assert done.stderr.splitlines()[-1].startswith("full log: ")
+    log = Path(done.stderr.splitlines()[-1].removeprefix("full log: "))
+    assert log.parent == tmp_path / "work" / "logs" and "great_expectations" in log.read_text()
+
+    for command in (["bootstrap"], ["status"]):  # nothing a library says: no log file to name
+        done = subprocess.run([*cli, *command], capture_output=True, text=True, env=env)
+        assert done.returncode == 0 and len((done.stdout + done.stderr).splitlines()) <= 3, done.stdout + done.stderr

@@ -21,7 +21,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def data(assets) -> DatasetRef:
-    return DatasetRef.unvalidated(assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl")
+    return DatasetRef.unvalidated(assets / "data" / "train", assets / "data" / "eval")
 
 
 @pytest.fixture(scope="module")

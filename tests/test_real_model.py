@@ -18,8 +18,8 @@ REAL_MODEL = PROJECT / "models" / "smollm2-135m-instruct"
 def test_real_model_runs_end_to_end_and_still_answers_a_factual_question(assets, tmp_path):
     from flows.retrain import retrain
 
-    write_jsonl(tmp_path / "train.jsonl", read_conversations(assets / "data" / "train.jsonl")[:16])
-    write_jsonl(tmp_path / "eval.jsonl", read_conversations(assets / "data" / "eval.jsonl")[:10])
+    write_jsonl(tmp_path / "train.jsonl", read_conversations(assets / "data" / "train")[:16])
+    write_jsonl(tmp_path / "eval.jsonl", read_conversations(assets / "data" / "eval")[:10])
     params_file = write_params(
         tmp_path,
         assets,

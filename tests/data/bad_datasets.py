@@ -1,9 +1,9 @@
 """The corpus of bad datasets: each kind of damage a training set arrives with, and the reason it must be
 rejected for. Every entry is a complete file (a dozen good rows plus the damage), built as bytes.
 
-Rows that cleaning drops (duplicates, short answers, over-long conversations) fail a file only when more are
-dropped than `validate.max_dropped_ratio` allows: the corpus is judged with a ratio of 0, so each still fails,
-and the report names the reason."""
+Rows that cleaning drops (duplicates, short answers, over-long conversations, conversations whose turns cannot
+train) fail a file only when more are dropped than `validate.max_dropped_ratio` allows: the corpus is judged
+with a ratio of 0, so each still fails, and the report names the reason."""
 
 import json
 
@@ -105,7 +105,7 @@ BAD_DATASETS: dict[str, tuple[bytes, str]] = {
     # The other shapes, broken.
     "messages row without an assistant turn": (
         jsonl([*GOOD_MESSAGES, {"messages": [{"role": "user", "content": "What color is the sled?"}]}]),
-        "line 13: messages has no assistant turn",
+        "no assistant turn: nothing to learn from",
     ),
     "messages row with an unknown role": (
         jsonl([*GOOD_MESSAGES, {"messages": [{"role": "user", "content": "Hi?"}, {"role": "bot", "content": "red"}]}]),

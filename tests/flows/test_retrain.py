@@ -17,7 +17,7 @@ from flows.reproduce import reproduce
 from flows.retrain import retrain
 from llmops import tracking
 from llmops.config import load_params
-from llmops.data import tracked_version
+from llmops.data import read_conversations, tracked_version
 from llmops.modeling import load_model
 from tasks.ingest import ingest_dataset
 from tasks.merge import MergeFidelityError
@@ -224,7 +224,7 @@ def test_lineage_of_the_champion_matches_what_was_trained(project):
     dvc_file, dvc_version = tracked_version(params.data.train)
     assert lineage["dataset"]["version"] == dvc_version
     assert lineage["dataset"]["dvc_file"] == str(dvc_file)
-    assert lineage["dataset"]["train_rows"] == str(len(params.data.train.read_text().splitlines()))
+    assert lineage["dataset"]["train_rows"] == str(len(read_conversations(params.data.train)))
     assert lineage["restore_data"][-1] == f"dvc pull {dvc_file}"
     assert lineage["params_hash"] == params.digest() and lineage["params"]["finetune"]["lora"]["r"] == 16
     assert lineage["gate"]["passed"] is True
@@ -249,9 +249,14 @@ def test_ingest_then_retrain_records_the_new_dataset_version(project, tmp_path):
         params.data.train,
         params.data.eval,
         "append",
+        out=params.work_dir / "cleaned",  # as a drift retrain's ingest checks it
     )
+    walks = params.work_dir / "cleaned" / ".walks"
+    checked = set(walks.iterdir())
     retrained = retrain(params_file=str(params_file), reason="test")
     assert not next(t for t in retrained.stages if t.name == "finetune").cached  # new data, new training
+    # Validate walked nothing again: the training set is the one the ingest checked, the eval split unchanged.
+    assert set(walks.iterdir()) == checked
     lineage = tracking.describe_version(params.tracking, params.registry, retrained.promotion.version)
     old = tracking.describe_version(params.tracking, params.registry, first.promotion.version)
     assert lineage["dataset"]["version"] == ingested.version != old["dataset"]["version"]

@@ -25,7 +25,7 @@ with console.capture(work / "work", verbose=False) as terminal:
     os.write(1, b"in pieces: https://user:{SECRET[:4]}")
     os.write(1, b"{SECRET[4:]}@host/path\\n")
     # Read while the run goes on, as the MLflow copy is: what was written so far is already there.
-    print(console.move_log(work / "run").read_text(), file=terminal)
+    print(console.move_log(work / "run").read_text(), file=terminal.err)
 """
 
 

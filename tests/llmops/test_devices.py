@@ -56,7 +56,7 @@ def test_load_model_honours_the_placement(assets):
     model = load_model(assets / "model", dtype=placement.dtype, device=placement.device)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.device.type == "cpu"
-    examples = read_conversations(assets / "data" / "eval.jsonl")[:4]
+    examples = read_conversations(assets / "data" / "eval")[:4]
     reference = response_perplexity(load_model(assets / "model"), load_tokenizer(assets / "model"), examples, 128)
     assert response_perplexity(model, load_tokenizer(assets / "model"), examples, 128) == pytest.approx(
         reference, rel=0.05

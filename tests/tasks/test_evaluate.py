@@ -36,7 +36,7 @@ def test_scores_follow_the_generations(assets):
 
 def test_report_covers_candidate_base_and_champion(assets, tmp_path):
     data = validate_dataset(
-        ValidateParams(), str(assets / "model"), 1024, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
+        ValidateParams(), str(assets / "model"), 1024, assets / "data" / "train", assets / "data" / "eval"
     ).require_valid()
     # A candidate that differs from the base in a known way: its output layer zeroed, so every next token is
     # equally likely and its perplexity is exactly the vocabulary size, whatever the base scores.

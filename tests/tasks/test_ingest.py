@@ -3,7 +3,7 @@
 import pytest
 
 from llmops.config import load_params
-from llmops.data import Conversation, file_md5, read_conversations, tracked_version
+from llmops.data import Conversation, read_conversations, split_files, split_md5, tracked_version
 from llmops.errors import LLMOpsError
 from tasks.ingest import ingest_dataset
 from tasks.validate import InvalidData
@@ -17,6 +17,11 @@ NEW_ROWS = [{"prompt": f"What color is the zebra number {i}?", "response": "silv
 def project(tmp_path, assets):
     params = load_params(make_dvc_project(tmp_path, assets))
     return params, tmp_path
+
+
+def contents(split):
+    """Every file of a folder split, by name."""
+    return {f.name: f.read_bytes() for f in split_files(split)}
 
 
 def ingest(params, new, mode="append", archive=False, max_seq_len=None, excess_length="drop"):
@@ -37,7 +42,7 @@ def test_good_rows_are_appended_versioned_and_pushed(project):
     params, root = project
     new = root / "new.jsonl"
     new.write_bytes(jsonl(NEW_ROWS))
-    before_rows = len(params.data.train.read_text().splitlines())
+    before_rows, before_files = len(read_conversations(params.data.train)), contents(params.data.train)
     _, before = tracked_version(params.data.train)
 
     result = ingest(params, new)
@@ -46,6 +51,11 @@ def test_good_rows_are_appended_versioned_and_pushed(project):
     # The batch's prompt/response rows join the chat-shaped training set as conversations.
     assert read_conversations(params.data.train)[-1] == Conversation.from_pair(**NEW_ROWS[-1])
     assert tracked_version(params.data.train)[1] == result.version
+    # The split's own file is untouched: the batch landed as a file of its own, its bytes as given.
+    after = contents(params.data.train)
+    [added] = set(after) - set(before_files)
+    assert added.startswith("ingested-") and after[added] == new.read_bytes()
+    assert {name: after[name] for name in before_files} == before_files
     # Pushed: the new version's folder listing is in the remote.
     digest = result.version.removesuffix(".dir")
     assert list((root / "dvc-storage").rglob(f"{digest[2:]}.dir"))
@@ -57,7 +67,7 @@ def test_replace_mode_swaps_the_training_set(project):
     new = root / "new.jsonl"
     new.write_bytes(jsonl(NEW_ROWS))
     assert ingest(params, new, mode="replace").rows_after == len(NEW_ROWS)
-    assert params.data.train.read_bytes() == new.read_bytes()
+    assert list(contents(params.data.train).values()) == [new.read_bytes()]
 
 
 @pytest.mark.parametrize("kind", ["line not JSON", "private key pasted", "blank prompt", "binary file"])
@@ -65,26 +75,26 @@ def test_bad_data_changes_nothing(project, kind):
     params, root = project
     new = root / "new.jsonl"
     new.write_bytes(BAD_DATASETS[kind][0])
-    before_bytes, before_version = params.data.train.read_bytes(), tracked_version(params.data.train)
+    before_bytes, before_version = contents(params.data.train), tracked_version(params.data.train)
     with pytest.raises(InvalidData):
         ingest(params, new)
-    assert params.data.train.read_bytes() == before_bytes
+    assert contents(params.data.train) == before_bytes
     assert tracked_version(params.data.train) == before_version
 
 
 def test_rows_that_would_leak_or_duplicate_are_refused(project):
     params, root = project
-    existing = params.data.train.read_text().splitlines()[:12]
+    existing = split_files(params.data.train)[0].read_text().splitlines()[:12]
     duplicates = root / "dup.jsonl"
     duplicates.write_text("\n".join(existing) + "\n")
-    md5 = file_md5(params.data.train)
+    md5 = split_md5(params.data.train)
     with pytest.raises(InvalidData, match="duplicate rows"):
         ingest(params, duplicates)
     leaking = root / "leak.jsonl"
-    leaking.write_text(params.data.eval.read_text())
+    leaking.write_bytes(b"".join(contents(params.data.eval).values()))
     with pytest.raises(InvalidData, match="leakage"):
         ingest(params, leaking)
-    assert file_md5(params.data.train) == md5
+    assert split_md5(params.data.train) == md5
 
 
 def test_ingest_outside_a_dvc_repository_is_refused(tmp_path, assets):
@@ -101,7 +111,7 @@ def test_a_folder_is_one_batch_and_is_archived_once_ingested(project):
     incoming.mkdir()
     (incoming / "a.jsonl").write_bytes(jsonl(NEW_ROWS[:6]))
     (incoming / "b.jsonl").write_bytes(jsonl(NEW_ROWS[6:]))
-    before_rows = len(params.data.train.read_text().splitlines())
+    before_rows = len(read_conversations(params.data.train))
 
     result = ingest(params, incoming, archive=True)
     assert result.rows_after == before_rows + len(NEW_ROWS)
@@ -116,11 +126,11 @@ def test_a_bad_file_in_a_folder_rejects_the_whole_batch_and_moves_nothing(projec
     incoming.mkdir()
     (incoming / "a.jsonl").write_bytes(jsonl(NEW_ROWS))
     (incoming / "b.jsonl").write_bytes(b'{"prompt": "no response"}\n')
-    before = params.data.train.read_bytes()
+    before = contents(params.data.train)
 
     with pytest.raises(InvalidData, match="missing field"):
         ingest(params, incoming, archive=True)
-    assert params.data.train.read_bytes() == before
+    assert contents(params.data.train) == before
     assert sorted(p.name for p in incoming.iterdir()) == ["a.jsonl", "b.jsonl"]
 
 
@@ -150,15 +160,15 @@ def test_ingest_reads_swaps_and_versions_under_the_dvc_lock(project):
     params, root = project
     new = root / "new.jsonl"
     new.write_bytes(jsonl(NEW_ROWS))
-    before = params.data.train.read_bytes()
+    before = contents(params.data.train)
     outcome = {}
     with dvc_lock(dvc_root(params.data.train)):
         thread = threading.Thread(target=lambda: outcome.setdefault("result", ingest(params, new)))
         thread.start()
         time.sleep(3)
-        assert thread.is_alive() and params.data.train.read_bytes() == before
+        assert thread.is_alive() and contents(params.data.train) == before
     thread.join(timeout=300)
-    assert outcome["result"].rows_after == len(before.splitlines()) + len(NEW_ROWS)
+    assert outcome["result"].rows_after == len(b"".join(before.values()).splitlines()) + len(NEW_ROWS)
 
 
 def test_judged_traffic_is_folded_in_once_beside_a_batch_and_unjudged_answers_never(project):

@@ -14,7 +14,7 @@ from tasks.validate import validate_dataset
 @pytest.fixture(scope="module")
 def inputs(assets):
     data = validate_dataset(
-        ValidateParams(), str(assets / "model"), 1024, assets / "data" / "train.jsonl", assets / "data" / "eval.jsonl"
+        ValidateParams(), str(assets / "model"), 1024, assets / "data" / "train", assets / "data" / "eval"
     ).require_valid()
     # The bootstrapped base stands in for a merged model: same architecture, same folder layout.
     exact = Fidelity(positions=1, token_agreement=1.0, max_relative_error=0.0, mean_kl=0.0, max_logit_diff=0.0)
