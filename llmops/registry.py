@@ -114,6 +114,8 @@ def prefect_limit(
             with suppress(ObjectAlreadyExists):  # another run may create it first
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
             found = client.read_global_concurrency_limit_by_name(name)
+    # An operator may have shrunk the limit in the UI below what this caller asks: it gets the whole limit.
+    occupy = min(occupy, found.limit)
     if found.active_slots + occupy > found.limit:  # said once, so the run's log shows why it stands still
         log.info("%s (%s)", waiting, name)
     with concurrency(

@@ -7,6 +7,13 @@ import pytest
 from llmops.training import host_slots, training_slot
 
 
+@pytest.fixture(autouse=True)
+def file_slots_alone(monkeypatch):
+    """These tests are about the lock files: a Prefect API that another test started (the session's test
+    harness) must not add its own per-host limit, which outlives each test."""
+    monkeypatch.setattr("llmops.registry.prefect_api_configured", lambda: False)
+
+
 def hold_in_background(lock_dir, slots: int, needed: int) -> tuple[threading.Event, threading.Event, threading.Thread]:
     """Take `needed` of `slots` in a thread; returns (taken, release, thread)."""
     taken, release = threading.Event(), threading.Event()
@@ -56,3 +63,19 @@ def test_slots_are_taken_all_or_none(tmp_path):
 def test_the_share_of_the_host(tmp_path, slots, needed, share):
     with training_slot(slots, needed, tmp_path) as got:
         assert got == share
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_prefect_limit_smaller_than_the_ask_is_taken_whole():
+    """An operator who shrinks a host's limit in the UI (or a host_slots changed since it was created) must not
+    leave a training waiting for more slots than the limit has."""
+    from prefect.client.orchestration import get_client
+
+    from llmops.registry import prefect_limit
+
+    name = "llmops-training-shrunk-host"
+    with prefect_limit(name, "waiting", limit=1, occupy=1):  # created with one slot
+        pass
+    with prefect_limit(name, "waiting", limit=4, occupy=2), get_client(sync_client=True) as client:
+        held = client.read_global_concurrency_limit_by_name(name)
+        assert (held.limit, held.active_slots) == (1, 1)
