@@ -141,9 +141,9 @@ def shared_registry(tmp_path_factory, assets):
 def served(tmp_path, assets, shared_registry):
     """A TestClient on the app over the shared champion, with its own traffic folder; returns (client, params)."""
 
-    def make(api_key: str | None = None, **serve):
+    def make(api_key: str | None = None, reviewer_key: str | None = None, **serve):
         params = serve_params(tmp_path, assets, **serve).model_copy(update={"tracking": shared_registry})
-        app, _ = build(params, api_key)
+        app, _ = build(params, api_key, reviewer_key)
         return TestClient(app), params
 
     return make
@@ -197,25 +197,72 @@ def traffic_rows(params, kind: str = "traffic") -> list[dict]:
     return [json.loads(line) for f in files for line in f.read_text().splitlines()]
 
 
-def test_traffic_is_logged_redacted_and_takes_feedback(served):
-    client, params = served()
+SERVING, REVIEWER = {"Authorization": "Bearer s3rve"}, {"Authorization": "Bearer r3view"}
+
+
+def test_traffic_is_logged_redacted_one_row_per_answer_and_takes_feedback(served):
+    client, params = served(api_key="s3rve", reviewer_key="r3view")
     secret = {"messages": [{"role": "user", "content": "I am ann@example.com, card 4111 1111 1111 1111"}]}
-    answer = client.post("/v1/chat/completions", json={**secret, "max_tokens": 3}).json()
+    answer = client.post("/v1/chat/completions", json={**secret, "max_tokens": 3}, headers=SERVING).json()
     [row] = traffic_rows(params)
     assert row["id"] == answer["id"] and row["model"] == "llmops-demo/1" and row["version"] == "1"
     assert row["latency_ms"] > 0 and row["timestamp"]
-    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    assert [m["role"] for m in row["messages"]] == ["user"]  # only what the client sent
+    assert row["answer"] == answer["choices"][0]["message"]["content"]  # the only text the server wrote
     user = row["messages"][0]["content"]
     assert "ann@example.com" not in user and "[REDACTED:email]" in user and "[REDACTED:card]" in user
 
-    ok = client.post("/v1/feedback", json={"id": answer["id"], "rating": "down", "correction": "The tiger is orange."})
-    assert ok.status_code == 200
-    [judged] = traffic_rows(params, "feedback")
-    assert (
-        judged["id"] == answer["id"] and judged["rating"] == "down" and judged["correction"] == "The tiger is orange."
+    correction = {"id": answer["id"], "rating": "down", "correction": "The tiger is orange.", "user": "end-user-7"}
+    assert client.post("/v1/feedback", json=correction, headers=REVIEWER).status_code == 200
+    assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "up"}, headers=SERVING).status_code == 200
+    reviewed, rated = traffic_rows(params, "feedback")
+    assert reviewed["id"] == answer["id"] and reviewed["correction"] == "The tiger is orange."
+    assert (reviewed["role"], reviewed["user"], rated["role"], rated["correction"]) == (
+        "reviewer",
+        "end-user-7",
+        "user",
+        None,
     )
-    assert client.post("/v1/feedback", json={"id": "chatcmpl-20260101T00-x", "rating": "up"}).status_code == 404
-    assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "meh"}).status_code == 400
+    # `by` tells the keys apart without holding either
+    assert len({reviewed["by"], rated["by"]}) == 2 and all(len(r["by"]) == 12 for r in (reviewed, rated))
+    assert "r3view" not in json.dumps(reviewed) and "s3rve" not in json.dumps(rated)
+    unknown = {"id": "chatcmpl-20260101T00-x", "rating": "up"}
+    assert client.post("/v1/feedback", json=unknown, headers=SERVING).status_code == 404
+    assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "meh"}, headers=SERVING).status_code == 400
+    assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "up"}).status_code == 401  # no key
+
+
+def test_corrections_need_the_reviewer_key(served):
+    client, params = served(api_key="s3rve", reviewer_key="r3view")
+    answer = client.post("/v1/chat/completions", json=CHAT, headers=SERVING).json()
+    correction = {"id": answer["id"], "correction": "Orange, with black stripes."}
+    no_key = client.post("/v1/feedback", json=correction)
+    assert no_key.status_code == 401
+    serving_key = client.post("/v1/feedback", json=correction, headers=SERVING)
+    assert serving_key.status_code == 403 and "reviewer key" in serving_key.json()["error"]["message"]
+    assert traffic_rows(params, "feedback") == []
+    assert client.post("/v1/feedback", json=correction, headers=REVIEWER).status_code == 200
+
+    open_server, _ = served()  # no reviewer key configured: corrections are refused, ratings still count
+    answer = open_server.post("/v1/chat/completions", json=CHAT).json()
+    refused = open_server.post("/v1/feedback", json={"id": answer["id"], "correction": "x"})
+    assert refused.status_code == 403 and "LLMOPS_REVIEWER_API_KEY" in refused.json()["error"]["message"]
+    assert open_server.post("/v1/feedback", json={"id": answer["id"], "rating": "up"}).status_code == 200
+
+
+def test_a_correction_of_a_multi_prompt_request_lands_on_one_prompt(served):
+    client, params = served(reviewer_key="r3view")
+    response = client.post("/v1/completions", json={"prompt": ["What is 2+2?", "Capital of France?"], "max_tokens": 3})
+    choices = response.json()["choices"]
+    ids = [c["id"] for c in choices]
+    assert ids == [f"{response.json()['id']}-0", f"{response.json()['id']}-1"]
+    rows = {r["id"]: r for r in traffic_rows(params)}
+    assert set(rows) == set(ids)
+    assert [rows[i]["messages"][0]["content"] for i in ids] == ["What is 2+2?", "Capital of France?"]
+    assert [rows[i]["answer"] for i in ids] == [c["text"] for c in choices]
+    assert client.post("/v1/feedback", json={"id": ids[1], "correction": "Paris"}, headers=REVIEWER).status_code == 200
+    [judged] = traffic_rows(params, "feedback")
+    assert judged["id"] == ids[1] and judged["correction"] == "Paris"
 
 
 def stream_chunks(response) -> list[dict]:
@@ -233,7 +280,7 @@ def stream_chunks(response) -> list[dict]:
 def logged_answer(params, response_id: str) -> str:
     [row] = [r for r in traffic_rows(params) if r["id"] == response_id]
     assert row["model"] == "llmops-demo/1"
-    return row["messages"][-1]["content"]
+    return row["answer"]
 
 
 def test_chat_streams_the_greedy_answer_as_it_is_generated_and_logs_it(served):
