@@ -100,7 +100,10 @@ def load_generator(folder: str | Path):
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
-    """The registered model: rows with a `prompt` string or chat `messages` in, greedy replies out.
+    """The registered model: prompts in, greedy replies out, one per prompt. A prompt is a plain string (one
+    user turn), a row with a `prompt` string, or a row with chat `messages`; give one string, a list of any of
+    these, or a DataFrame of `prompt`/`messages` columns (`mlflow models serve`: `{"inputs": [...]}` or
+    `{"dataframe_records": [...]}`).
 
     Params: `max_new_tokens` (default 64); `temperature` is accepted for API compatibility, and generation
     is greedy (the decoding the gate judged)."""
@@ -110,43 +113,50 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         max_new_tokens = int((params or {}).get("max_new_tokens", 64))
-        rows = _input_rows(model_input)
-        if not rows:  # MLflow drops input that matches no column of the signature, such as a list of strings
+        conversations = [_input_conversation(row) for row in _input_rows(model_input)]
+        if not conversations:
             raise LLMOpsError(
-                'No rows to answer. Give rows of {"prompt": "..."} or {"messages": [{"role": ..., "content": ...}]} '
-                "(a list of them, or a DataFrame with those columns); a plain list of strings matches no column."
+                'No prompts to answer. Give a string, a list of strings, or rows of {"prompt": "..."} or '
+                '{"messages": [{"role": ..., "content": ...}]} (a list of them, or a DataFrame with those columns).'
             )
-        conversations = [_input_conversation(row) for row in rows]
         return [g.text for g in reply(self.model, self.tokenizer, conversations, max_new_tokens)]
 
 
 def _input_rows(model_input: Any) -> list[Any]:
-    if hasattr(model_input, "to_dict"):  # a pandas DataFrame, as MLflow passes rows under a column schema
+    if isinstance(model_input, str | dict):  # one prompt
+        return [model_input]
+    if hasattr(model_input, "to_dict"):  # a pandas DataFrame
         return model_input.to_dict(orient="records")
-    return list(model_input)
+    return list(model_input)  # a list, or the numpy array `mlflow models serve` makes of {"inputs": [...]}
+
+
+def _plain(value: Any) -> Any:
+    """numpy values (as `mlflow models serve` parses JSON) as the plain Python ones they hold."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def _input_conversation(row: Any) -> list[dict[str, str]]:
+    row = _plain(row)
     if isinstance(row, str):
         return [{"role": "user", "content": row}]
-    messages = row.get("messages")
-    if messages is not None and len(messages):
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-    if not isinstance(row.get("prompt"), str):
-        raise LLMOpsError(f"A row needs a `prompt` string or chat `messages`; got {row!r}.")
-    return [{"role": "user", "content": row["prompt"]}]
+    if isinstance(row, dict):
+        messages, prompt = _plain(row.get("messages")), _plain(row.get("prompt", row.get(0)))
+        if isinstance(messages, list) and messages:
+            return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+        if isinstance(prompt, str):
+            return [{"role": "user", "content": prompt}]
+    raise LLMOpsError(f"A prompt is a string, or a row with a `prompt` string or chat `messages`; got {row!r}.")
 
 
 def model_signature():
-    """Rows of `prompt` (a string) or `messages` (role/content objects); params max_new_tokens, temperature."""
+    """No input schema, on purpose: MLflow drops whatever matches no column of a column schema (a plain list of
+    strings would reach `predict` as no rows at all), so the input reaches `TextGenerator.predict` as sent and
+    is checked there. Output: one string per prompt; params max_new_tokens, temperature."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    message = Object([Property("role", "string"), Property("content", "string")])
     return ModelSignature(
-        inputs=Schema(
-            [ColSpec("string", "prompt", required=False), ColSpec(Array(message), "messages", required=False)]
-        ),
+        inputs=None,
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 64), ParamSpec("temperature", "double", 0.0)]),
     )
@@ -318,7 +328,17 @@ class MaskSecrets(logging.Filter):
         self.secrets = tuple(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = mask(record.getMessage(), self.secrets), None
+        # Arguments are masked one by one, not merged into the message: formatters such as uvicorn's access log
+        # read them. Numbers stay numbers (for %d); anything else becomes its masked text.
+        def masked(value: Any) -> Any:
+            return value if isinstance(value, int | float) else mask(str(value), self.secrets)
+
+        if isinstance(record.msg, str):
+            record.msg = mask(record.msg, self.secrets)
+        if isinstance(record.args, tuple):
+            record.args = tuple(masked(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: masked(v) for k, v in record.args.items()}
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
