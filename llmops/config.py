@@ -426,6 +426,22 @@ class ServeParams(Section):
     max_prompt_tokens: int = Field(1024, ge=1, description="Longest prompt a request may send, in tokens (else 400).")
     max_tokens: int = Field(256, ge=1, description="Largest max_tokens a request may ask for (else 400).")
     default_max_tokens: int = Field(64, ge=1, description="New tokens generated when a request names no max_tokens.")
+    max_queue: int = Field(
+        16,
+        ge=0,
+        description="Requests that may wait for generation beside the one generating; more get 503 with Retry-After.",
+    )
+    max_body_bytes: int = Field(
+        1_000_000, ge=1000, description="Largest request body in bytes, counted as it arrives (else 413)."
+    )
+    max_prompts: int = Field(16, ge=1, description="Most prompts in one /v1/completions request (else 400).")
+    max_turns: int = Field(64, ge=1, description="Most messages in one chat conversation (else 400).")
+    max_correction_chars: int = Field(
+        8000, ge=1, description="Longest correction /v1/feedback accepts, in characters (else 400)."
+    )
+    feedback_per_minute: int = Field(
+        60, ge=1, description="Feedback requests one key may send per minute; more get 429 with Retry-After."
+    )
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> ServeParams:

@@ -6,9 +6,13 @@
   fails; a version that fails to load is never swapped in, and the failure shows in `/health`.
 - `create_app` is the FastAPI app: `/v1/chat/completions`, `/v1/completions` (whole, or streamed as
   Server-Sent Events while generating), `/v1/models`, `/health`, `/v1/feedback`, with bearer-token access
-  and size limits.
-- Each exchange is appended, redacted, to the traffic log under the monitor's incoming folder, and feedback
-  beside it (`llmops.traffic`): the monitor and the next retrain read them back.
+  (a serving key; a distinct reviewer key for corrections) and bounded admission: body size, prompts, turns
+  and prompt tokens are checked before any rendering, at most `serve.max_queue` requests wait (more get 503
+  with Retry-After), and a request whose client has gone stops generating. The handlers are plain functions
+  of a `Server` (what they share); `create_app` only wires them.
+- Each answer is appended, redacted, to the traffic log under the monitor's incoming folder, and feedback
+  beside it (`llmops.traffic`), off the event loop: the monitor and the next retrain read them back.
+- Nothing the server shows or logs carries a credential (`mask`, `MaskSecrets`).
 - `TextGenerator` is the MLflow model logged with each registered version: the same loading and generation
   code, shipped with the model (`code_paths`), so `mlflow models serve` needs no install of this project.
 
@@ -19,12 +23,17 @@ registry; it never writes it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
+import math
+import os
+import re
 import threading
 import time
 import uuid
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -36,14 +45,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import mlflow.pyfunc
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from llmops.chat import render_prompt
 from llmops.data import Turn
 from llmops.devices import resolve_placement
 from llmops.errors import LLMOpsError
+from llmops.files import mask_secrets
 from llmops.modeling import Generation, generate, load_model, load_tokenizer
 from llmops.traffic import TRAFFIC_FOLDER, TrafficLog
 
@@ -89,7 +100,10 @@ def load_generator(folder: str | Path):
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
-    """The registered model: rows with a `prompt` string or chat `messages` in, greedy replies out.
+    """The registered model: prompts in, greedy replies out, one per prompt. A prompt is a plain string (one
+    user turn), a row with a `prompt` string, or a row with chat `messages`; give one string, a list of any of
+    these, or a DataFrame of `prompt`/`messages` columns (`mlflow models serve`: `{"inputs": [...]}` or
+    `{"dataframe_records": [...]}`).
 
     Params: `max_new_tokens` (default 64); `temperature` is accepted for API compatibility, and generation
     is greedy (the decoding the gate judged)."""
@@ -99,43 +113,50 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         max_new_tokens = int((params or {}).get("max_new_tokens", 64))
-        rows = _input_rows(model_input)
-        if not rows:  # MLflow drops input that matches no column of the signature, such as a list of strings
+        conversations = [_input_conversation(row) for row in _input_rows(model_input)]
+        if not conversations:
             raise LLMOpsError(
-                'No rows to answer. Give rows of {"prompt": "..."} or {"messages": [{"role": ..., "content": ...}]} '
-                "(a list of them, or a DataFrame with those columns); a plain list of strings matches no column."
+                'No prompts to answer. Give a string, a list of strings, or rows of {"prompt": "..."} or '
+                '{"messages": [{"role": ..., "content": ...}]} (a list of them, or a DataFrame with those columns).'
             )
-        conversations = [_input_conversation(row) for row in rows]
         return [g.text for g in reply(self.model, self.tokenizer, conversations, max_new_tokens)]
 
 
 def _input_rows(model_input: Any) -> list[Any]:
-    if hasattr(model_input, "to_dict"):  # a pandas DataFrame, as MLflow passes rows under a column schema
+    if isinstance(model_input, str | dict):  # one prompt
+        return [model_input]
+    if hasattr(model_input, "to_dict"):  # a pandas DataFrame
         return model_input.to_dict(orient="records")
-    return list(model_input)
+    return list(model_input)  # a list, or the numpy array `mlflow models serve` makes of {"inputs": [...]}
+
+
+def _plain(value: Any) -> Any:
+    """numpy values (as `mlflow models serve` parses JSON) as the plain Python ones they hold."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def _input_conversation(row: Any) -> list[dict[str, str]]:
+    row = _plain(row)
     if isinstance(row, str):
         return [{"role": "user", "content": row}]
-    messages = row.get("messages")
-    if messages is not None and len(messages):
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-    if not isinstance(row.get("prompt"), str):
-        raise LLMOpsError(f"A row needs a `prompt` string or chat `messages`; got {row!r}.")
-    return [{"role": "user", "content": row["prompt"]}]
+    if isinstance(row, dict):
+        messages, prompt = _plain(row.get("messages")), _plain(row.get("prompt", row.get(0)))
+        if isinstance(messages, list) and messages:
+            return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+        if isinstance(prompt, str):
+            return [{"role": "user", "content": prompt}]
+    raise LLMOpsError(f"A prompt is a string, or a row with a `prompt` string or chat `messages`; got {row!r}.")
 
 
 def model_signature():
-    """Rows of `prompt` (a string) or `messages` (role/content objects); params max_new_tokens, temperature."""
+    """No input schema, on purpose: MLflow drops whatever matches no column of a column schema (a plain list of
+    strings would reach `predict` as no rows at all), so the input reaches `TextGenerator.predict` as sent and
+    is checked there. Output: one string per prompt; params max_new_tokens, temperature."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    message = Object([Property("role", "string"), Property("content", "string")])
     return ModelSignature(
-        inputs=Schema(
-            [ColSpec("string", "prompt", required=False), ColSpec(Array(message), "messages", required=False)]
-        ),
+        inputs=None,
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 64), ParamSpec("temperature", "double", 0.0)]),
     )
@@ -155,6 +176,10 @@ class LoadedVersion:
     load_seconds: float
     loaded_at: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    max_token_chars: int = field(init=False)  # the longest token's characters: the prompt's cheap length bound
+
+    def __post_init__(self) -> None:
+        self.max_token_chars = max(1, max((len(t) for t in self.tokenizer.get_vocab()), default=1))
 
     @property
     def name(self) -> str:
@@ -195,7 +220,7 @@ class ChampionFollower:
             version = self.champion()
             self.registry_error = None
         except Exception as exc:  # an unreachable registry must not stop serving the loaded version
-            self.registry_error = f"{type(exc).__name__}: {exc}"
+            self.registry_error = mask(f"{type(exc).__name__}: {exc}")  # a URI in it may carry a password
             log.warning("cannot read the champion alias, still serving %s: %s", self._serving(), self.registry_error)
             return
         if version is None or (self.current and self.current.version == version):
@@ -207,7 +232,7 @@ class ChampionFollower:
         try:
             model, tokenizer = load_generator(self._download(version))
         except Exception as exc:
-            self.failed[version] = {"error": f"{type(exc).__name__}: {exc}", "at": time.time()}
+            self.failed[version] = {"error": mask(f"{type(exc).__name__}: {exc}"), "at": time.time()}
             log.error(
                 "version %s of %s failed to load and is not served (still serving %s; retried in %gs): %s",
                 version,
@@ -276,18 +301,85 @@ class ChampionFollower:
         }
 
 
-# --- The HTTP API --------------------------------------------------------------------------------------------
+# --- Masking: nothing the server shows or logs carries a credential ------------------------------------------
+
+# Tokens of common providers, and bearer tokens, wherever they appear (URI passwords: `mask_secrets`).
+_TOKENS = re.compile(
+    r"(?P<keep>\bBearer\s+)[^\s\"',]+"
+    r"|\b(?:sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|xox[abpr]-[A-Za-z0-9-]{10,})"
+)
+_SERVER_LOGGERS = ("llmops.serve", "llmops.traffic", "llmops.modeling", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+def mask(text: str, secrets: Sequence[str] = ()) -> str:
+    """`text` without credentials: URI passwords (`postgresql://u:***@host`), `?password=` values, bearer and
+    provider tokens, and the given `secrets` (the server's own keys) wherever they appear."""
+    text = _TOKENS.sub(lambda m: f"{m.group('keep')}***" if m.group("keep") else "***", mask_secrets(text))
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+class MaskSecrets(logging.Filter):
+    """Masks every record of the logger it is on (`mask`): its message, arguments and traceback."""
+
+    def __init__(self, secrets: Sequence[str] = ()):
+        super().__init__("mask-secrets")
+        self.secrets = tuple(secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Arguments are masked one by one, not merged into the message: formatters such as uvicorn's access log
+        # read them. Numbers stay numbers (for %d); anything else becomes its masked text.
+        def masked(value: Any) -> Any:
+            return value if isinstance(value, int | float) else mask(str(value), self.secrets)
+
+        if isinstance(record.msg, str):
+            record.msg = mask(record.msg, self.secrets)
+        if isinstance(record.args, tuple):
+            record.args = tuple(masked(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: masked(v) for k, v in record.args.items()}
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask(record.exc_text, self.secrets)
+        return True
+
+
+def mask_server_logs(secrets: Sequence[str] = ()) -> None:
+    """Put `MaskSecrets` on each of the server's loggers (a logger's filters see only its own records)."""
+    for name in _SERVER_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, MaskSecrets)]:
+            logger.removeFilter(old)
+        logger.addFilter(MaskSecrets(secrets))
+
+
+# --- The HTTP API: errors, schemas, limits -------------------------------------------------------------------
 
 
 class APIError(Exception):
     """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        retry_after: int | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.retry_after = status, message, kind, param, retry_after
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
     @classmethod
     def crashed(cls, exc: Exception) -> APIError:
@@ -296,7 +388,7 @@ class APIError(Exception):
 
 
 class _ClientGone(Exception):
-    """Raised into a streamed generation whose client went away: it ends there and lets the lock go."""
+    """Raised into a generation whose client went away: it ends there and lets the lock go."""
 
 
 def _finish_reason(generation: Generation) -> str:
@@ -336,115 +428,337 @@ class CompletionRequest(Sampling):
 
 
 class Feedback(BaseModel):
-    id: str
-    rating: Literal["up", "down"]
-    correction: str | None = None
+    id: str = Field(max_length=200)
+    rating: Literal["up", "down"] | None = None
+    correction: str | None = None  # the reviewer's answer; needs the reviewer key
+    user: str | None = Field(None, max_length=200)  # the end user the client answered, as OpenAI's `user`
 
 
-def create_app(
-    follower: ChampionFollower, settings: ServeParams, api_key: str | None, traffic: TrafficLog | None
-) -> FastAPI:
-    """The API. `follower` is started and stopped with the app; `traffic` None turns the log off."""
+def key_hash(key: str) -> str:
+    """Who sent a judgment, without the key: the first 12 hex digits of its sha256."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        follower.start()
-        yield
-        follower.stop()
-        generation_thread.shutdown()
 
-    app = FastAPI(title="llmops serve", lifespan=lifespan)
-    expected = f"Bearer {api_key}".encode() if api_key else None
+@dataclass(frozen=True)
+class Keys:
+    """The serving key (inference, ratings, /health, /docs) and the reviewer key (also corrections)."""
 
-    def authorized(request: Request) -> None:
-        if expected is None:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):  # constant time: the key cannot be guessed byte by byte
+    serving: str | None
+    reviewer: str | None
+
+    def given(self, request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        return header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+
+    @staticmethod
+    def _is(given: str | None, key: str | None) -> bool:  # constant time: a key cannot be guessed byte by byte
+        return given is not None and key is not None and hmac.compare_digest(given.encode(), key.encode())
+
+    def require_serving(self, request: Request) -> None:
+        if self.serving is not None and not self._is(self.given(request), self.serving):
             raise APIError(401, "Missing or wrong API key: send `Authorization: Bearer <key>`.", "authentication_error")
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    def judge(self, request: Request) -> tuple[Literal["reviewer", "user"], str | None]:
+        """(role, key hash) of whoever sends feedback: the reviewer key, else the serving key (or no key, when
+        the server has none). Anything else is a 401."""
+        given = self.given(request)
+        if self._is(given, self.reviewer):
+            return "reviewer", key_hash(given)
+        self.require_serving(request)
+        return "user", key_hash(given) if given else None
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-        return await api_error(request, APIError(400, f"Invalid request: {problems}."))
+    def forbid_correction(self, request: Request) -> APIError:
+        """Why a correction from this caller (not a reviewer) is refused: 401 with no key, else 403."""
+        how = "send `Authorization: Bearer <reviewer key>` (the server's LLMOPS_REVIEWER_API_KEY)"
+        if self.reviewer is None:
+            return APIError(
+                403,
+                "Corrections are off on this server: it has no reviewer key. A correction becomes training data, "
+                "so only a reviewer may write one; start the server with LLMOPS_REVIEWER_API_KEY set. "
+                "Ratings are accepted with the serving key.",
+                "permission_error",
+                param="correction",
+            )
+        if self.given(request) is None:
+            return APIError(401, f"A correction needs the reviewer key: {how}.", "authentication_error", "correction")
+        return APIError(
+            403,
+            f"This key may rate answers but not correct them: a correction becomes training data, so it needs the "
+            f"reviewer key; {how}. Send the rating without `correction` to rate with this key.",
+            "permission_error",
+            param="correction",
+        )
 
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request %s %s failed", request.method, request.url.path)
-        return await api_error(request, APIError.crashed(exc))
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return await api_error(request, APIError(exc.status_code, str(exc.detail), "invalid_request_error"))
+class Admission:
+    """At most `max_queue` requests wait for generation beside the one generating; more get a 503 with
+    Retry-After. Used on the event loop only, so a plain counter is enough."""
 
-    def serving() -> LoadedVersion:
-        current = follower.current  # held for the whole request: a switch meanwhile does not affect it
+    def __init__(self, max_queue: int):
+        self.max_queue, self.in_flight = max_queue, 0
+
+    def enter(self) -> Callable[[], None]:
+        """Take a place, or raise the 503; returns the function that gives the place back (once)."""
+        if self.in_flight > self.max_queue:
+            raise APIError(
+                503,
+                f"The server is busy: {self.in_flight - 1} requests are already waiting for generation "
+                f"(serve.max_queue is {self.max_queue}). Retry after the time in the Retry-After header.",
+                "server_busy",
+                retry_after=1,
+            )
+        self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+
+        return release
+
+
+class RateLimit:
+    """At most `per_minute` calls per key in any 60 seconds (a sliding window). Keys seen are bounded: the
+    least recent is forgotten first."""
+
+    def __init__(self, per_minute: int, max_keys: int = 10_000):
+        self.per_minute, self.max_keys = per_minute, max_keys
+        self.calls: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def check(self, key: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        calls = self.calls.pop(key, None) or deque()
+        while calls and calls[0] <= now - 60:
+            calls.popleft()
+        self.calls[key] = calls
+        if len(self.calls) > self.max_keys:
+            self.calls.popitem(last=False)
+        if len(calls) >= self.per_minute:
+            wait = max(1, math.ceil(calls[0] + 60 - now))
+            raise APIError(
+                429,
+                f"Too much feedback from this key: serve.feedback_per_minute is {self.per_minute}. "
+                f"Retry in {wait} s (the Retry-After header).",
+                "rate_limit_error",
+                retry_after=wait,
+            )
+        calls.append(now)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets a 413, whether it declares its length or is sent
+    in chunks with none (bytes are counted as they arrive, and reading stops at the limit)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def too_large(self) -> APIError:
+        return APIError(
+            413,
+            f"The request body is over this server's limit of {self.max_bytes} bytes (serve.max_body_bytes). "
+            "Send less: shorter messages, or fewer prompts per request.",
+            param="body",
+        )
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.too_large().response()(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # raised inside the app's body read: its handlers answer the 413
+                    raise HTTPException(413, self.too_large().message)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def check_turns(conversation: list[dict[str, str]], settings: ServeParams) -> None:
+    if len(conversation) > settings.max_turns:
+        raise APIError(
+            400,
+            f"The conversation has {len(conversation)} messages, over this server's limit of {settings.max_turns} "
+            "(serve.max_turns). Send fewer turns (drop or summarize the oldest).",
+            param="messages",
+        )
+
+
+def check_prompt_chars(loaded: LoadedVersion, conversations: list[list[dict[str, str]]], settings) -> None:
+    """The cheap bound, before any tokenizing or rendering: no token of this tokenizer is longer than
+    `loaded.max_token_chars`, so more characters than `max_prompt_tokens` such tokens hold is surely too long."""
+    bound = settings.max_prompt_tokens * loaded.max_token_chars
+    for conversation in conversations:
+        chars = sum(len(m["content"]) for m in conversation)
+        if chars > bound:
+            raise APIError(
+                400,
+                f"The prompt is {chars} characters: more than {settings.max_prompt_tokens} tokens, this server's "
+                f"limit (serve.max_prompt_tokens), can hold. Shorten it.",
+                param="messages",
+            )
+
+
+def check_prompt_tokens(loaded: LoadedVersion, conversations: list[list[dict[str, str]]], settings) -> list[int]:
+    """The exact count, on the generation thread: prompt tokens of each conversation; over the limit is a 400."""
+    with loaded.lock:
+        counts = [prompt_token_count(loaded.tokenizer, c) for c in conversations]
+    for count in counts:
+        if count > settings.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"The prompt is {count} tokens, over this server's limit of {settings.max_prompt_tokens} "
+                "(serve.max_prompt_tokens). Shorten it.",
+                param="messages",
+            )
+    return counts
+
+
+def generate_answers(
+    loaded: LoadedVersion,
+    conversations: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    settings: ServeParams,
+    gone: threading.Event,
+) -> tuple[list[Generation], dict[str, int]]:
+    """Answers and usage, on the generation thread. A client that went away before its turn costs nothing; one
+    conversation's generation stops at the next token once `gone` is set (a batch of several runs to its end)."""
+    if gone.is_set():
+        raise _ClientGone
+    counts = check_prompt_tokens(loaded, conversations, settings)
+
+    def check(_piece: str) -> None:
+        if gone.is_set():
+            raise _ClientGone
+
+    with loaded.lock:
+        on_text = check if len(conversations) == 1 else None
+        generations = reply(loaded.model, loaded.tokenizer, conversations, max_new_tokens, on_text=on_text)
+        completion = [len(loaded.tokenizer(g.text, add_special_tokens=False)["input_ids"]) for g in generations]
+    usage = {"prompt_tokens": sum(counts), "completion_tokens": sum(completion)}
+    return generations, {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+
+class _HeldStream(StreamingResponse):
+    """A streamed answer that gives its admission place back however it ends (done, failed, or cut off)."""
+
+    def __init__(self, content, release: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream")
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+# --- The HTTP API: handlers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """What the handlers share: the champion, the limits, the keys, the traffic log, and the one generation
+    thread. All generation runs on that thread: a new thread calling torch starts its own OpenMP pool, and idle
+    pools spinning on the same cores made requests several times slower than plain generate."""
+
+    follower: ChampionFollower
+    settings: ServeParams
+    keys: Keys
+    traffic: TrafficLog | None
+    admission: Admission = field(init=False)
+    feedback_rate: RateLimit = field(init=False)
+    generation_thread: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.settings.max_queue)
+        self.feedback_rate = RateLimit(self.settings.feedback_per_minute)
+        self.generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    def serving(self) -> LoadedVersion:
+        current = self.follower.current  # held for the whole request: a switch meanwhile does not affect it
         if current is None:
-            name = follower.registry.model_name
-            raise APIError(503, f"No champion of {name} is loaded yet; see /health.", "unavailable")
+            name = self.follower.registry.model_name
+            raise APIError(503, f"No champion of {name} is loaded yet; see /health.", "unavailable", retry_after=5)
         return current
 
-    def budget(body: Sampling) -> int:
+    def budget(self, body: Sampling) -> int:
         """New tokens to generate for `body`; rejects what this server does not do."""
         if body.n != 1:
             raise APIError(400, f"n={body.n}: this server returns one choice per request; send n: 1.", param="n")
         asked = body.max_completion_tokens or body.max_tokens
-        if asked is not None and asked > settings.max_tokens:
+        if asked is not None and asked > self.settings.max_tokens:
             raise APIError(
                 400,
-                f"max_tokens {asked} is over this server's limit of {settings.max_tokens} (serve.max_tokens).",
+                f"max_tokens {asked} is over this server's limit of {self.settings.max_tokens} (serve.max_tokens).",
                 param="max_tokens",
             )
-        return asked or settings.default_max_tokens
+        return asked or self.settings.default_max_tokens
 
-    # All generation runs on one thread: a new thread calling torch starts its own OpenMP pool, and idle
-    # pools spinning on the same cores made requests several times slower than plain generate.
-    generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+    async def on_generation_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.generation_thread, fn, *args)
 
-    async def on_generation_thread(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(generation_thread, fn, *args)
-
-    def prompt_tokens(loaded: LoadedVersion, conversations: list[list[dict[str, str]]]) -> list[int]:
-        """Prompt tokens of each conversation; one over serve.max_prompt_tokens is a 400."""
-        with loaded.lock:
-            counts = [prompt_token_count(loaded.tokenizer, c) for c in conversations]
-        for count in counts:
-            if count > settings.max_prompt_tokens:
-                raise APIError(
-                    400,
-                    f"The prompt is {count} tokens, over this server's limit of {settings.max_prompt_tokens} "
-                    "(serve.max_prompt_tokens). Shorten it.",
-                    param="messages",
-                )
-        return counts
-
-    def answer(loaded: LoadedVersion, conversations: list[list[dict[str, str]]], max_new_tokens: int):
-        counts = prompt_tokens(loaded, conversations)
-        with loaded.lock:
-            generations = reply(loaded.model, loaded.tokenizer, conversations, max_new_tokens)
-            completion = [len(loaded.tokenizer(g.text, add_special_tokens=False)["input_ids"]) for g in generations]
-        usage = {"prompt_tokens": sum(counts), "completion_tokens": sum(completion)}
-        return generations, {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-
-    def record(response_id: str, conversation, text: str, loaded: LoadedVersion, start: float, now: datetime) -> None:
-        if traffic is not None:
+    async def record(self, answer_id: str, conversation, text: str, loaded: LoadedVersion, start: float, now) -> None:
+        """Log one answer; redaction and the file write run on a worker thread, never on the event loop."""
+        if self.traffic is not None:
             latency_ms = round((time.perf_counter() - start) * 1000, 2)
-            traffic.append(
-                response_id,
-                conversation,
-                text,
-                model=loaded.name,
-                version=loaded.version,
-                latency_ms=latency_ms,
-                timestamp=now.isoformat(timespec="milliseconds"),
-            )
+            facts = {"model": loaded.name, "version": loaded.version, "latency_ms": latency_ms}
+            timestamp = now.isoformat(timespec="milliseconds")
+            await run_in_threadpool(self.traffic.append, answer_id, conversation, text, **facts, timestamp=timestamp)
+
+    async def answer(
+        self, request: Request, loaded: LoadedVersion, conversations: list[list[dict[str, str]]], max_new_tokens: int
+    ) -> tuple[list[Generation], dict[str, int]]:
+        """Generate, holding an admission place until the answer is done or the client has gone. A client that
+        goes is noticed within a tenth of a second: its generation stops and its place is given back at once."""
+        release = self.admission.enter()
+        gone = threading.Event()
+        job = asyncio.ensure_future(
+            self.on_generation_thread(generate_answers, loaded, conversations, max_new_tokens, self.settings, gone)
+        )
+        watch = asyncio.ensure_future(_watch_disconnect(request, gone))
+        try:
+            await asyncio.wait([job, watch], return_when=asyncio.FIRST_COMPLETED)
+            if not job.done():  # the client went away: the job ends at its next token, or as soon as it starts
+                job.add_done_callback(_quietly)
+                log.info("the client went away; its generation stopped and its place was given back")
+                raise _ClientGone
+            return job.result()
+        finally:
+            watch.cancel()
+            release()
+
+    async def stream(
+        self,
+        loaded: LoadedVersion,
+        conversation: list[dict[str, str]],
+        max_new_tokens: int,
+        chunks: Callable[[AsyncIterator[str | Generation]], AsyncIterator[dict[str, Any]]],
+        response_id: str,
+        start: float,
+        now: datetime,
+    ) -> StreamingResponse:
+        """The answer streamed; it holds an admission place from before its prompt is counted (a 400 before the
+        stream starts when too long) to the stream's end."""
+        release = self.admission.enter()
+        try:
+            await self.on_generation_thread(check_prompt_tokens, loaded, [conversation], self.settings)
+        except BaseException:
+            release()
+            raise
+        pieces = self.streamed_answer(loaded, conversation, max_new_tokens, response_id, start, now)
+        return _HeldStream(_events(chunks(pieces)), release)
 
     async def streamed_answer(
+        self,
         loaded: LoadedVersion,
         conversation: list[dict[str, str]],
         max_new_tokens: int,
@@ -472,140 +786,262 @@ def create_app(
             finally:
                 loop.call_soon_threadsafe(pieces.put_nowait, None)  # queued after every piece: their end
 
-        job = loop.run_in_executor(generation_thread, run)
+        job = loop.run_in_executor(self.generation_thread, run)
         try:
             while (piece := await pieces.get()) is not None:
                 yield piece
             generation = await job
         finally:
             gone.set()
-        record(response_id, conversation, generation.text, loaded, start, now)
+        await self.record(response_id, conversation, generation.text, loaded, start, now)
         yield generation
 
-    def event_stream(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-        """Chunks as Server-Sent Events, then `data: [DONE]`, as OpenAI streams them. A failure once the stream
-        has begun (its 200 sent) ends it with an error event in OpenAI's error shape, which its clients raise."""
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for chunk in chunks:
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            except Exception as exc:
-                log.exception("a streamed answer failed")
-                yield f"data: {json.dumps(APIError.crashed(exc).body())}\n\n"
-                return
-            yield "data: [DONE]\n\n"
+async def _watch_disconnect(request: Request, gone: threading.Event) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)
+    gone.set()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)], response_model=None)
-    async def chat_completions(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
-        start, now = time.perf_counter(), datetime.now(UTC)
-        loaded = serving()
-        conversation = [m.plain() for m in body.messages]
-        max_new_tokens = budget(body)
-        response_id = TrafficLog.new_id("chatcmpl", now)
-        head = {"id": response_id, "created": int(now.timestamp()), "model": loaded.name}
-        if body.stream:
-            await on_generation_thread(prompt_tokens, loaded, [conversation])  # too long: a 400, before the stream
+def _quietly(job: asyncio.Future) -> None:
+    if not job.cancelled() and isinstance(job.exception(), Exception) and not isinstance(job.exception(), _ClientGone):
+        log.warning("the generation of a request whose client went away failed: %r", job.exception())
 
-            def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-                return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
-            async def chunks() -> AsyncIterator[dict[str, Any]]:
-                yield chunk({"role": "assistant"})
-                async for piece in streamed_answer(loaded, conversation, max_new_tokens, response_id, start, now):
-                    yield chunk({"content": piece}) if isinstance(piece, str) else chunk({}, _finish_reason(piece))
+async def _events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """Chunks as Server-Sent Events, then `data: [DONE]`, as OpenAI streams them. A failure once the stream has
+    begun (its 200 sent) ends it with an error event in OpenAI's error shape, which its clients raise."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+    except Exception as exc:
+        log.exception("a streamed answer failed")
+        yield f"data: {json.dumps(APIError.crashed(exc).body())}\n\n"
+        return
+    yield "data: [DONE]\n\n"
 
-            return event_stream(chunks())
-        [generation], usage = await on_generation_thread(answer, loaded, [conversation], max_new_tokens)
-        record(response_id, conversation, generation.text, loaded, start, now)
-        return {
-            **head,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": generation.text},
-                    "finish_reason": _finish_reason(generation),
-                }
-            ],
-            "usage": usage,
-        }
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)], response_model=None)
-    async def completions(body: CompletionRequest) -> dict[str, Any] | StreamingResponse:
-        start, now = time.perf_counter(), datetime.now(UTC)
-        loaded = serving()
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise APIError(400, "prompt is an empty list; send a string or a list of strings.", param="prompt")
-        conversations = [[{"role": "user", "content": p}] for p in prompts]
-        max_new_tokens = budget(body)
-        response_id = TrafficLog.new_id("cmpl", now)
-        head = {"id": response_id, "object": "text_completion", "created": int(now.timestamp()), "model": loaded.name}
-        if body.stream:
-            if len(prompts) != 1:
-                raise APIError(
-                    400,
-                    f"stream: true answers one prompt, and this request has {len(prompts)}; stream with one prompt, "
-                    "or send stream: false to have them all answered at once.",
-                    param="prompt",
-                )
-            await on_generation_thread(prompt_tokens, loaded, conversations)  # too long: a 400, before the stream
+async def chat_completions(server: Server, request: Request, body: ChatRequest) -> dict[str, Any] | Response:
+    start, now = time.perf_counter(), datetime.now(UTC)
+    loaded = server.serving()
+    conversation = [m.plain() for m in body.messages]
+    check_turns(conversation, server.settings)
+    check_prompt_chars(loaded, [conversation], server.settings)
+    max_new_tokens = server.budget(body)
+    response_id = TrafficLog.new_id("chatcmpl", now)
+    head = {"id": response_id, "created": int(now.timestamp()), "model": loaded.name}
+    if body.stream:
 
-            def chunk(text: str, finish_reason: str | None = None) -> dict[str, Any]:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-                return {**head, "choices": [choice]}
+        def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
-            async def chunks() -> AsyncIterator[dict[str, Any]]:
-                async for piece in streamed_answer(loaded, conversations[0], max_new_tokens, response_id, start, now):
-                    yield chunk(piece) if isinstance(piece, str) else chunk("", _finish_reason(piece))
+        async def chunks(pieces: AsyncIterator[str | Generation]) -> AsyncIterator[dict[str, Any]]:
+            yield chunk({"role": "assistant"})
+            async for piece in pieces:
+                yield chunk({"content": piece}) if isinstance(piece, str) else chunk({}, _finish_reason(piece))
 
-            return event_stream(chunks())
-        generations, usage = await on_generation_thread(answer, loaded, conversations, max_new_tokens)
-        for conversation, generation in zip(conversations, generations, strict=True):
-            record(response_id, conversation, generation.text, loaded, start, now)
-        return {
-            **head,
-            "choices": [
-                {"index": index, "text": g.text, "logprobs": None, "finish_reason": _finish_reason(g)}
-                for index, g in enumerate(generations)
-            ],
-            "usage": usage,
-        }
+        return await server.stream(loaded, conversation, max_new_tokens, chunks, response_id, start, now)
+    [generation], usage = await server.answer(request, loaded, [conversation], max_new_tokens)
+    await server.record(response_id, conversation, generation.text, loaded, start, now)
+    message = {"role": "assistant", "content": generation.text}
+    choice = {"index": 0, "message": message, "finish_reason": _finish_reason(generation)}
+    return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
-    def models() -> dict[str, Any]:
-        current = follower.current
-        data = (
-            []
-            if current is None
-            else [{"id": current.name, "object": "model", "created": int(current.loaded_at), "owned_by": "llmops"}]
+
+async def completions(server: Server, request: Request, body: CompletionRequest) -> dict[str, Any] | Response:
+    """Each prompt is its own answer with its own id (`choices[i].id`: the response's id, then `-i` when there
+    are several), so feedback names one answer."""
+    start, now = time.perf_counter(), datetime.now(UTC)
+    loaded = server.serving()
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise APIError(400, "prompt is an empty list; send a string or a list of strings.", param="prompt")
+    if len(prompts) > server.settings.max_prompts:
+        raise APIError(
+            400,
+            f"The request has {len(prompts)} prompts, over this server's limit of {server.settings.max_prompts} "
+            "(serve.max_prompts). Split it into several requests.",
+            param="prompt",
         )
-        return {"object": "list", "data": data}
-
-    @app.post("/v1/feedback", dependencies=[Depends(authorized)])
-    def feedback(body: Feedback) -> dict[str, Any]:
-        if traffic is None:
-            raise APIError(409, "Traffic logging is off (serve.log_traffic: false): there is nothing to attach to.")
-        if not traffic.feedback(body.id, body.rating, body.correction):
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    check_prompt_chars(loaded, conversations, server.settings)
+    max_new_tokens = server.budget(body)
+    response_id = TrafficLog.new_id("cmpl", now)
+    ids = [response_id] if len(prompts) == 1 else [TrafficLog.answer_id(response_id, i) for i in range(len(prompts))]
+    head = {"id": response_id, "object": "text_completion", "created": int(now.timestamp()), "model": loaded.name}
+    if body.stream:
+        if len(prompts) != 1:
             raise APIError(
-                404, f"No logged response has id {body.id!r} (unknown, or not sampled into the log).", param="id"
+                400,
+                f"stream: true answers one prompt, and this request has {len(prompts)}; stream with one prompt, "
+                "or send stream: false to have them all answered at once.",
+                param="prompt",
             )
-        return {"id": body.id, "object": "feedback", "recorded": True}
 
-    @app.get("/health", dependencies=[Depends(authorized)])
-    def health() -> JSONResponse:
+        def chunk(text: str, finish_reason: str | None = None) -> dict[str, Any]:
+            choice = {"index": 0, "id": response_id, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {**head, "choices": [choice]}
+
+        async def chunks(pieces: AsyncIterator[str | Generation]) -> AsyncIterator[dict[str, Any]]:
+            async for piece in pieces:
+                yield chunk(piece) if isinstance(piece, str) else chunk("", _finish_reason(piece))
+
+        return await server.stream(loaded, conversations[0], max_new_tokens, chunks, response_id, start, now)
+    generations, usage = await server.answer(request, loaded, conversations, max_new_tokens)
+    for answer_id, conversation, generation in zip(ids, conversations, generations, strict=True):
+        await server.record(answer_id, conversation, generation.text, loaded, start, now)
+    choices = [
+        {"index": i, "id": ids[i], "text": g.text, "logprobs": None, "finish_reason": _finish_reason(g)}
+        for i, g in enumerate(generations)
+    ]
+    return {**head, "choices": choices, "usage": usage}
+
+
+async def feedback(server: Server, request: Request, body: Feedback) -> dict[str, Any]:
+    """A rating (either key) or a correction (the reviewer key only) of one logged answer."""
+    if server.traffic is None:
+        raise APIError(409, "Traffic logging is off (serve.log_traffic: false): there is nothing to attach to.")
+    role, by = server.keys.judge(request)
+    if body.correction is not None:
+        if role != "reviewer":
+            raise server.keys.forbid_correction(request)
+        if len(body.correction) > server.settings.max_correction_chars:
+            raise APIError(
+                400,
+                f"The correction is {len(body.correction)} characters, over this server's limit of "
+                f"{server.settings.max_correction_chars} (serve.max_correction_chars). Shorten it.",
+                param="correction",
+            )
+    if body.rating is None and body.correction is None:
+        raise APIError(400, "Send a `rating` (up or down), a `correction`, or both.", param="rating")
+    server.feedback_rate.check(by or "no key")
+    written = await run_in_threadpool(
+        server.traffic.feedback, body.id, body.rating, body.correction, role=role, by=by, user=body.user
+    )
+    if not written:
+        raise APIError(404, f"No logged answer has id {body.id!r} (unknown, or not sampled into the log).", param="id")
+    return {"id": body.id, "object": "feedback", "recorded": True, "role": role}
+
+
+def models(server: Server) -> dict[str, Any]:
+    current = server.follower.current
+    if current is None:
+        return {"object": "list", "data": []}
+    model = {"id": current.name, "object": "model", "created": int(current.loaded_at), "owned_by": "llmops"}
+    return {"object": "list", "data": [model]}
+
+
+# --- The HTTP API: the app -----------------------------------------------------------------------------------
+
+
+def create_app(
+    follower: ChampionFollower,
+    settings: ServeParams,
+    api_key: str | None,
+    traffic: TrafficLog | None,
+    reviewer_key: str | None = None,
+) -> FastAPI:
+    """The API. `follower` is started and stopped with the app; `traffic` None turns the log off.
+
+    With a key set, the API's description (/docs, /redoc, /openapi.json) needs it too: it lists every endpoint
+    and limit, which is for the clients that hold the key, not for whoever finds the port."""
+    server = Server(follower, settings, Keys(api_key, reviewer_key), traffic)
+    secrets = [k for k in (api_key, reviewer_key) if k]
+    mask_server_logs(secrets)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        mask_server_logs(secrets)  # again: uvicorn configures its loggers as it starts
+        follower.start()
+        yield
+        follower.stop()
+        server.generation_thread.shutdown()
+
+    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
+    app = FastAPI(title="llmops serve", lifespan=lifespan, **hidden)
+    app.state.server = server
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    async def authorized(request: Request) -> None:  # async: runs on the event loop, never queued for a thread
+        server.keys.require_serving(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request: Request, exc: _ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return APIError(400, f"Invalid request: {problems}.").response()
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s %s failed", request.method, request.url.path)
+        return APIError.crashed(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), kind, "body" if exc.status_code == 413 else None).response()
+
+    guarded = [Depends(authorized)]
+
+    @app.post("/v1/chat/completions", dependencies=guarded, response_model=None)
+    async def chat_route(request: Request, body: ChatRequest) -> dict[str, Any] | Response:
+        return await chat_completions(server, request, body)
+
+    @app.post("/v1/completions", dependencies=guarded, response_model=None)
+    async def completions_route(request: Request, body: CompletionRequest) -> dict[str, Any] | Response:
+        return await completions(server, request, body)
+
+    @app.post("/v1/feedback")  # either key: `feedback` tells the roles apart
+    async def feedback_route(request: Request, body: Feedback) -> dict[str, Any]:
+        return await feedback(server, request, body)
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models_route() -> dict[str, Any]:
+        return models(server)
+
+    @app.get("/health", dependencies=guarded)
+    async def health() -> JSONResponse:  # async, and cheap: answers while generation and log writes are busy
         state = follower.health()
         return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
 
+    if api_key:
+        _add_guarded_docs(app, guarded)
     return app
 
 
-def build(params: Params, api_key: str | None) -> tuple[FastAPI, ChampionFollower]:
-    """The app for `params`, with the current champion loaded (if there is one) before it takes requests."""
+def _add_guarded_docs(app: FastAPI, guarded: list) -> None:
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=guarded, include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", dependencies=guarded, include_in_schema=False)
+    async def redoc() -> Response:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+
+def build(params: Params, api_key: str | None, reviewer_key: str | None = None) -> tuple[FastAPI, ChampionFollower]:
+    """The app for `params`, with the current champion loaded (if there is one) before it takes requests.
+    `reviewer_key` (env LLMOPS_REVIEWER_API_KEY for `llmops serve`) is the one key that may send corrections."""
+    if reviewer_key is not None and reviewer_key == api_key:
+        raise LLMOpsError(
+            "LLMOPS_REVIEWER_API_KEY is the same as LLMOPS_SERVE_API_KEY: a reviewer key must differ from the "
+            "serving key, or every client could write training data. Set a different reviewer key."
+        )
+    mask_server_logs([k for k in (api_key, reviewer_key) if k])  # before the first poll logs anything
     settings = params.serve
     follower = ChampionFollower(
         params.tracking, params.registry, params.work_dir / "serve" / "models", settings.poll_seconds
@@ -622,7 +1058,7 @@ def build(params: Params, api_key: str | None) -> tuple[FastAPI, ChampionFollowe
         if settings.log_traffic
         else None
     )
-    return create_app(follower, settings, api_key, traffic), follower
+    return create_app(follower, settings, api_key, traffic, reviewer_key), follower
 
 
 def serve(params: Params, api_key: str | None, host: str | None = None, port: int | None = None) -> None:
@@ -640,5 +1076,5 @@ def serve(params: Params, api_key: str | None, host: str | None = None, port: in
                 f"Cannot listen on {host}:{port} ({exc.strerror}). Stop what uses that port, or choose another "
                 "with `llmops serve --port N` (or serve.port in params.yaml)."
             ) from None
-    app, _ = build(params, api_key)
+    app, _ = build(params, api_key, os.environ.get("LLMOPS_REVIEWER_API_KEY") or None)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -4,6 +4,7 @@ model, with versions registered by the project's own promote/rollback code."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -23,6 +25,7 @@ from fastapi.testclient import TestClient
 from llmops import tracking
 from llmops.config import load_params
 from llmops.serve import build
+from llmops.traffic import TrafficLog
 from tests.conftest import PROJECT, register, write_params
 
 CHAT = {"messages": [{"role": "user", "content": "What color is the tiger?"}], "max_tokens": 4}
@@ -141,9 +144,9 @@ def shared_registry(tmp_path_factory, assets):
 def served(tmp_path, assets, shared_registry):
     """A TestClient on the app over the shared champion, with its own traffic folder; returns (client, params)."""
 
-    def make(api_key: str | None = None, **serve):
+    def make(api_key: str | None = None, reviewer_key: str | None = None, **serve):
         params = serve_params(tmp_path, assets, **serve).model_copy(update={"tracking": shared_registry})
-        app, _ = build(params, api_key)
+        app, _ = build(params, api_key, reviewer_key)
         return TestClient(app), params
 
     return make
@@ -197,25 +200,72 @@ def traffic_rows(params, kind: str = "traffic") -> list[dict]:
     return [json.loads(line) for f in files for line in f.read_text().splitlines()]
 
 
-def test_traffic_is_logged_redacted_and_takes_feedback(served):
-    client, params = served()
+SERVING, REVIEWER = {"Authorization": "Bearer s3rve"}, {"Authorization": "Bearer r3view"}
+
+
+def test_traffic_is_logged_redacted_one_row_per_answer_and_takes_feedback(served):
+    client, params = served(api_key="s3rve", reviewer_key="r3view")
     secret = {"messages": [{"role": "user", "content": "I am ann@example.com, card 4111 1111 1111 1111"}]}
-    answer = client.post("/v1/chat/completions", json={**secret, "max_tokens": 3}).json()
+    answer = client.post("/v1/chat/completions", json={**secret, "max_tokens": 3}, headers=SERVING).json()
     [row] = traffic_rows(params)
     assert row["id"] == answer["id"] and row["model"] == "llmops-demo/1" and row["version"] == "1"
     assert row["latency_ms"] > 0 and row["timestamp"]
-    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    assert [m["role"] for m in row["messages"]] == ["user"]  # only what the client sent
+    assert row["answer"] == answer["choices"][0]["message"]["content"]  # the only text the server wrote
     user = row["messages"][0]["content"]
     assert "ann@example.com" not in user and "[REDACTED:email]" in user and "[REDACTED:card]" in user
 
-    ok = client.post("/v1/feedback", json={"id": answer["id"], "rating": "down", "correction": "The tiger is orange."})
-    assert ok.status_code == 200
-    [judged] = traffic_rows(params, "feedback")
-    assert (
-        judged["id"] == answer["id"] and judged["rating"] == "down" and judged["correction"] == "The tiger is orange."
+    correction = {"id": answer["id"], "rating": "down", "correction": "The tiger is orange.", "user": "end-user-7"}
+    assert client.post("/v1/feedback", json=correction, headers=REVIEWER).status_code == 200
+    assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "up"}, headers=SERVING).status_code == 200
+    reviewed, rated = traffic_rows(params, "feedback")
+    assert reviewed["id"] == answer["id"] and reviewed["correction"] == "The tiger is orange."
+    assert (reviewed["role"], reviewed["user"], rated["role"], rated["correction"]) == (
+        "reviewer",
+        "end-user-7",
+        "user",
+        None,
     )
-    assert client.post("/v1/feedback", json={"id": "chatcmpl-20260101T00-x", "rating": "up"}).status_code == 404
-    assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "meh"}).status_code == 400
+    # `by` tells the keys apart without holding either
+    assert len({reviewed["by"], rated["by"]}) == 2 and all(len(r["by"]) == 12 for r in (reviewed, rated))
+    assert "r3view" not in json.dumps(reviewed) and "s3rve" not in json.dumps(rated)
+    unknown = {"id": "chatcmpl-20260101T00-x", "rating": "up"}
+    assert client.post("/v1/feedback", json=unknown, headers=SERVING).status_code == 404
+    assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "meh"}, headers=SERVING).status_code == 400
+    assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "up"}).status_code == 401  # no key
+
+
+def test_corrections_need_the_reviewer_key(served):
+    client, params = served(api_key="s3rve", reviewer_key="r3view")
+    answer = client.post("/v1/chat/completions", json=CHAT, headers=SERVING).json()
+    correction = {"id": answer["id"], "correction": "Orange, with black stripes."}
+    no_key = client.post("/v1/feedback", json=correction)
+    assert no_key.status_code == 401
+    serving_key = client.post("/v1/feedback", json=correction, headers=SERVING)
+    assert serving_key.status_code == 403 and "reviewer key" in serving_key.json()["error"]["message"]
+    assert traffic_rows(params, "feedback") == []
+    assert client.post("/v1/feedback", json=correction, headers=REVIEWER).status_code == 200
+
+    open_server, _ = served()  # no reviewer key configured: corrections are refused, ratings still count
+    answer = open_server.post("/v1/chat/completions", json=CHAT).json()
+    refused = open_server.post("/v1/feedback", json={"id": answer["id"], "correction": "x"})
+    assert refused.status_code == 403 and "LLMOPS_REVIEWER_API_KEY" in refused.json()["error"]["message"]
+    assert open_server.post("/v1/feedback", json={"id": answer["id"], "rating": "up"}).status_code == 200
+
+
+def test_a_correction_of_a_multi_prompt_request_lands_on_one_prompt(served):
+    client, params = served(reviewer_key="r3view")
+    response = client.post("/v1/completions", json={"prompt": ["What is 2+2?", "Capital of France?"], "max_tokens": 3})
+    choices = response.json()["choices"]
+    ids = [c["id"] for c in choices]
+    assert ids == [f"{response.json()['id']}-0", f"{response.json()['id']}-1"]
+    rows = {r["id"]: r for r in traffic_rows(params)}
+    assert set(rows) == set(ids)
+    assert [rows[i]["messages"][0]["content"] for i in ids] == ["What is 2+2?", "Capital of France?"]
+    assert [rows[i]["answer"] for i in ids] == [c["text"] for c in choices]
+    assert client.post("/v1/feedback", json={"id": ids[1], "correction": "Paris"}, headers=REVIEWER).status_code == 200
+    [judged] = traffic_rows(params, "feedback")
+    assert judged["id"] == ids[1] and judged["correction"] == "Paris"
 
 
 def stream_chunks(response) -> list[dict]:
@@ -233,7 +283,7 @@ def stream_chunks(response) -> list[dict]:
 def logged_answer(params, response_id: str) -> str:
     [row] = [r for r in traffic_rows(params) if r["id"] == response_id]
     assert row["model"] == "llmops-demo/1"
-    return row["messages"][-1]["content"]
+    return row["answer"]
 
 
 def test_chat_streams_the_greedy_answer_as_it_is_generated_and_logs_it(served):
@@ -317,12 +367,31 @@ model = mlflow.pyfunc.load_model(sys.argv[1])
 import llmops
 out = model.predict([{"prompt": "What color is the tiger?"}], params={"max_new_tokens": 3})
 out += model.predict([{"messages": [{"role": "user", "content": "What color is the tiger?"}]}])
+strings = model.predict(["What is the capital of France?", "What color is the tiger?"], params={"max_new_tokens": 3})
+one = model.predict("What is the capital of France?", params={"max_new_tokens": 3})
+# What `mlflow models serve` runs for each request: its own scoring app on the loaded model.
+from fastapi.testclient import TestClient
+from mlflow.pyfunc import scoring_server
+served = TestClient(scoring_server.init(model))
+def invoke(body):
+    response = served.post("/invocations", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+http = {
+    "inputs": invoke({"inputs": ["What is the capital of France?"], "params": {"max_new_tokens": 3}}),
+    "rows": invoke({"inputs": [{"prompt": "What is the capital of France?"},
+                               {"messages": [{"role": "user", "content": "What color is the tiger?"}]}],
+                    "params": {"max_new_tokens": 3}}),
+    "records": invoke({"dataframe_records": [{"prompt": "What is the capital of France?"}],
+                       "params": {"max_new_tokens": 3}}),
+}
 try:
-    model.predict(["What color is the tiger?"])  # matches no column: MLflow hands the model no rows
+    model.predict([{"question": "no prompt here"}])
     refused = None
 except Exception as exc:
     refused = str(exc)
-print(json.dumps({"llmops": llmops.__file__, "out": list(out), "refused": refused}))
+print(json.dumps({"llmops": llmops.__file__, "out": list(out), "strings": list(strings), "one": list(one),
+                  "http": http, "refused": refused}))
 """
 
 
@@ -350,7 +419,11 @@ def test_registered_model_ships_its_code_and_pins_only_public_releases(tmp_path,
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["llmops"].startswith(str(folder)) and len(result["out"]) == 2
-    assert "No rows to answer" in result["refused"]  # an error that says what to send, never a silent []
+    # A plain string and a list of strings are prompts, through predict and through the scoring server
+    assert len(result["strings"]) == 2 and all(isinstance(t, str) for t in result["strings"])
+    assert len(result["one"]) == 1 and result["one"] == result["http"]["inputs"] == result["http"]["records"]
+    assert result["http"]["rows"] == result["strings"]  # the same two prompts, as rows
+    assert "`prompt` string or chat `messages`" in result["refused"]  # an error that says what to send
 
 
 def test_llmops_serve_answers_from_the_champion(tmp_path, assets):
@@ -400,3 +473,185 @@ def test_llmops_serve_on_a_taken_port_exits_2_with_one_paragraph(params_file, ca
         assert main(["--params", str(params_file), "serve", "--port", str(port)]) == 2
     error = capsys.readouterr().err
     assert f"Cannot listen on 127.0.0.1:{port}" in error and "--port" in error and "Traceback" not in error
+
+
+# --- Bounded admission and nothing leaking ---------------------------------------------------------------------
+
+
+def error_of(response) -> str:
+    return response.json()["error"]["message"]
+
+
+def test_each_request_limit_is_refused_naming_it(served):
+    client, _ = served(max_prompts=2, max_turns=3, max_body_bytes=5000)
+    too_many = client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 2})
+    assert too_many.status_code == 400 and "serve.max_prompts" in error_of(too_many)
+    assert client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2}).status_code == 200
+
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] * 2
+    long_chat = client.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 2})
+    assert long_chat.status_code == 400 and "serve.max_turns" in error_of(long_chat)
+
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * 6000}]}).encode()
+    declared = client.post("/v1/chat/completions", content=big, headers={"Content-Type": "application/json"})
+    assert declared.status_code == 413 and "serve.max_body_bytes" in error_of(declared)
+    # Sent in chunks with no Content-Length: counted as it arrives
+    chunked = client.post(
+        "/v1/chat/completions", content=iter([big[:3000], big[3000:]]), headers={"Content-Type": "application/json"}
+    )
+    assert "content-length" not in chunked.request.headers and chunked.status_code == 413
+    assert "serve.max_body_bytes" in error_of(chunked)
+
+    # More characters than max_prompt_tokens of this tokenizer's longest tokens could hold: refused on the
+    # character count alone, before any tokenizing or rendering
+    roomy, params = served(max_prompt_tokens=20)
+    loaded = roomy.app.state.server.follower.current
+    over = "x" * (params.serve.max_prompt_tokens * loaded.max_token_chars + 1)
+    cheap = roomy.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": over}]})
+    assert cheap.status_code == 400 and "characters" in error_of(cheap) and "serve.max_prompt_tokens" in error_of(cheap)
+
+
+def test_feedback_limits_correction_length_and_rate_per_key(served):
+    client, params = served(reviewer_key="r3view", max_correction_chars=50, feedback_per_minute=3)
+    answer = client.post("/v1/chat/completions", json=CHAT).json()
+    long = client.post("/v1/feedback", json={"id": answer["id"], "correction": "x" * 51}, headers=REVIEWER)
+    assert long.status_code == 400 and "serve.max_correction_chars" in error_of(long)
+    for _ in range(3):
+        assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "up"}).status_code == 200
+    limited = client.post("/v1/feedback", json={"id": answer["id"], "rating": "up"})
+    assert limited.status_code == 429 and "serve.feedback_per_minute" in error_of(limited)
+    assert int(limited.headers["Retry-After"]) >= 1
+    # Another key has its own allowance
+    assert client.post("/v1/feedback", json={"id": answer["id"], "rating": "up"}, headers=REVIEWER).status_code == 200
+    assert len(traffic_rows(params, "feedback")) == 4
+
+
+def test_a_megabyte_message_is_refused_while_health_answers(tmp_path, assets, shared_registry):
+    params = serve_params(tmp_path, assets).model_copy(update={"tracking": shared_registry})
+    app, _ = build(params, api_key=None, reviewer_key="r3view")
+    huge = "a." * 500_000  # 1 MB: quadratic for the old e-mail pattern, which ran on the event loop
+    refused: dict[str, int] = {}
+    with running(app) as url:
+
+        def send(path: str, body: dict, headers: dict) -> None:
+            refused[path] = httpx.post(f"{url}{path}", json=body, headers=headers, timeout=120).status_code
+
+        answer = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60).json()
+        senders = [
+            threading.Thread(
+                target=send, args=("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]}, {})
+            ),
+            threading.Thread(target=send, args=("/v1/feedback", {"id": answer["id"], "correction": huge}, REVIEWER)),
+        ]
+        for sender in senders:
+            sender.start()
+        health = httpx.get(f"{url}/health", timeout=120)
+        for sender in senders:
+            sender.join()
+        # Under the body limit, over the correction limit: refused before any redaction
+        just_under = {"id": answer["id"], "correction": "a." * 400_000}
+        under = httpx.post(f"{url}/v1/feedback", json=just_under, headers=REVIEWER, timeout=120)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert refused == {"/v1/chat/completions": 413, "/v1/feedback": 413}
+    assert under.status_code == 400 and "serve.max_correction_chars" in error_of(under)
+
+
+def test_64_concurrent_clients_get_answers_or_bounded_503s(tmp_path, assets, shared_registry):
+    params = serve_params(tmp_path, assets, max_queue=1).model_copy(update={"tracking": shared_registry})
+    app, follower = build(params, api_key=None)
+    results: list[tuple[int, str | None]] = []
+    start = threading.Barrier(64)
+
+    def client(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            start.wait()
+            response = http.post("/v1/chat/completions", json=CHAT)
+            results.append((response.status_code, response.headers.get("retry-after")))
+
+    with running(app) as url:
+        follower.current.lock.acquire()  # generation waits: the first requests hold the places, the rest queue
+        try:
+            clients = [threading.Thread(target=client, args=(url,)) for _ in range(64)]
+            for thread in clients:
+                thread.start()
+            deadline = time.monotonic() + 120
+            while len(results) < 64 - 2:  # one generating + serve.max_queue waiting; the rest are refused now
+                assert time.monotonic() < deadline, results
+                time.sleep(0.05)
+        finally:
+            follower.current.lock.release()
+        for thread in clients:
+            thread.join()
+    statuses = [status for status, _ in results]
+    assert len(results) == 64 and set(statuses) == {200, 503}, results
+    assert statuses.count(200) == 2 and statuses.count(503) == 62
+    assert all(retry is not None and int(retry) >= 1 for status, retry in results if status == 503)
+
+
+def test_a_client_that_goes_stops_its_generation_and_frees_its_place(tmp_path, assets, shared_registry, caplog):
+    params = serve_params(tmp_path, assets, max_queue=0).model_copy(update={"tracking": shared_registry})
+    app, follower = build(params, api_key=None)
+    admission = app.state.server.admission
+    caplog.set_level(logging.INFO, logger="llmops.serve")
+    with running(app) as url:
+        follower.current.lock.acquire()  # its generation cannot start: the request waits for its turn
+        try:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
+                httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=httpx.Timeout(60, read=1.0))
+            deadline = time.monotonic() + 30
+            while admission.in_flight:  # its place is given back while the generation thread is still busy
+                assert time.monotonic() < deadline, "the place of a client that left was never given back"
+                time.sleep(0.05)
+        finally:
+            follower.current.lock.release()
+        answer = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60)  # max_queue 0: needs that place
+    assert answer.status_code == 200
+    assert [row["id"] for row in traffic_rows(params)] == [answer.json()["id"]]  # the abandoned one never answered
+    assert any("went away" in record.getMessage() for record in caplog.records)
+
+
+def test_docs_need_the_key(served):
+    client, _ = served(api_key="s3rve")
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers=SERVING).status_code == 200, path
+    assert "/v1/chat/completions" in client.get("/openapi.json", headers=SERVING).json()["paths"]
+    open_client, _ = served()  # no key: the usual FastAPI docs
+    assert open_client.get("/docs").status_code == 200
+
+
+def test_health_and_the_log_never_show_a_credential(tmp_path, assets, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    params = serve_params(tmp_path, assets)
+    unreachable = params.tracking.model_copy(update={"uri": "http://ops:hunter2pw@127.0.0.1:9"})
+    params = params.model_copy(update={"tracking": unreachable})
+    caplog.set_level(logging.INFO)
+    app, follower = build(params, api_key="s3rve")
+    health = TestClient(app).get("/health", headers=SERVING)
+    assert health.status_code == 503 and "ops:***@127.0.0.1" in health.json()["registry_error"]
+    assert "hunter2pw" not in health.text
+    # Whatever the server logs is masked too: a URI with a password, a bearer token, the server's own key
+    logging.getLogger("llmops.serve").warning(
+        "retrying %s with %s (key %s)", "postgresql://u:pw9@db/x", "Bearer tok3n-abc", "s3rve"
+    )
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("cannot read the champion alias" in line for line in lines)
+    assert any("postgresql://u:***@db/x" in line for line in lines)
+    assert not [line for line in lines if any(s in line for s in ("hunter2pw", "pw9@", "tok3n-abc", "s3rve"))]
+
+
+def test_feedback_finds_answers_in_memory_and_from_before_a_restart(served, tmp_path):
+    client, params = served()
+    answer = client.post("/v1/chat/completions", json=CHAT).json()
+    restarted, _ = served()  # a new server over the same traffic folder: it holds no ids in memory
+    assert answer["id"] not in restarted.app.state.server.traffic._logged
+    assert restarted.post("/v1/feedback", json={"id": answer["id"], "rating": "up"}).status_code == 200
+
+    log = TrafficLog(tmp_path / "bounded", sample_rate=1.0, max_bytes=100_000, index_size=2)
+    ids = [TrafficLog.new_id("chatcmpl", datetime.now(UTC)) for _ in range(3)]
+    for answer_id in ids:
+        assert log.append(answer_id, [{"role": "user", "content": "q"}], "a")
+    assert list(log._logged) == ids[1:]  # the memory is bounded: the oldest id is forgotten first
+    assert log.feedback(ids[0], "up", None, role="user") and log.feedback(ids[2], "up", None, role="user")
+    assert not log.feedback(TrafficLog.new_id("chatcmpl", datetime.now(UTC)), "up", None, role="user")
