@@ -357,6 +357,19 @@ class MonitorParams(Section):
     max_perplexity_ratio: float = Field(
         1.5, gt=1, description="Drift if the champion's perplexity on incoming / on reference responses is above."
     )
+    window_hours: float = Field(
+        24.0,
+        gt=0,
+        description="Served traffic older than this is out of the check: only the hourly files and rows of the last "
+        "window are read, so a check's cost does not grow with the log. Raise it where a day holds fewer than "
+        "min_rows requests.",
+    )
+    reference_rows: int = Field(
+        2000,
+        ge=2,
+        description="A fixed-size, seeded sample of the champion's training rows is the reference, so a check's cost "
+        "does not grow with the training set.",
+    )
 
 
 class LoopParams(Section):

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +108,12 @@ class TrafficLog:
         return True
 
 
-def _rows(folder: Path, pattern: str) -> Iterator[dict[str, Any]]:
+def _rows(folder: Path, pattern: str, since: datetime | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of the hourly files, oldest first; with `since`, only the files of hours that end after it
+    (the rest are never opened) and the rows stamped since then."""
     for path in sorted(folder.glob(pattern)):
+        if since is not None and _hour(path) is not None and _hour(path) + timedelta(hours=1) <= since:
+            continue
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -119,9 +123,25 @@ def _rows(folder: Path, pattern: str) -> Iterator[dict[str, Any]]:
                 log.warning("%s:%d is not a whole JSON row; skipped", path, number)
                 continue
             if isinstance(row, dict) and isinstance(row.get("id"), str):
-                yield row
+                if since is None or _stamp(row) is None or _stamp(row) >= since:
+                    yield row
             else:
                 log.warning("%s:%d is not a row of the traffic log (no id); skipped", path, number)
+
+
+def _hour(path: Path) -> datetime | None:
+    try:
+        return datetime.strptime(path.stem.split("-", 1)[1], "%Y-%m-%dT%H").replace(tzinfo=UTC)
+    except (IndexError, ValueError):
+        return None
+
+
+def _stamp(row: dict[str, Any]) -> datetime | None:
+    try:
+        stamp = datetime.fromisoformat(str(row.get("timestamp")))
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
 def exchange(row: dict[str, Any]) -> tuple[tuple[Turn, ...], str] | None:
@@ -146,10 +166,11 @@ def exchange(row: dict[str, Any]) -> tuple[tuple[Turn, ...], str] | None:
     return context, answer
 
 
-def served_prompts(folder: Path, version: str) -> list[tuple[Turn, ...]]:
-    """The prompts `version` answered: each logged exchange's context, without the answer."""
+def served_prompts(folder: Path, version: str, since: datetime | None = None) -> list[tuple[Turn, ...]]:
+    """The prompts `version` answered (since `since`, when given): each logged exchange's context, without
+    the answer."""
     prompts = []
-    for row in _rows(folder, TRAFFIC_FILES):
+    for row in _rows(folder, TRAFFIC_FILES, since):
         if str(row.get("version")) == version and (found := exchange(row)) is not None:
             prompts.append(tuple(Turn(t.role, t.content) for t in found[0]))
     return prompts

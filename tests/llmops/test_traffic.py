@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from llmops.config import LoopParams
+from llmops.config import LoopParams, MonitorParams
 from llmops.data import Conversation, Turn, batch_files
 from llmops.errors import LLMOpsError
 from llmops.traffic import (
@@ -135,3 +135,26 @@ def test_an_exchange_in_the_ledger_is_never_considered_again(tmp_path):
     again = judged_traffic(tmp_path, considered=considered_ids(tmp_path).keys())
     assert [r.id for r in again.rows] == [answer_id(2)] and again.considered_before == 1
     assert batch_files(tmp_path) == []  # the ledger is never taken for a batch
+
+
+def test_the_monitor_reads_only_the_traffic_window(tmp_path):
+    """monitor.window_hours: older hourly files are never opened, older rows in a newer file left out."""
+    from datetime import timedelta
+
+    from tasks.drift import traffic_window
+
+    write_log(tmp_path, [served(1, "asked last week", "old")], [], hour="2026-11-28T04")
+    early = served(2, "asked early today", "early")
+    early["timestamp"] = "2026-12-05T01:30:00.000+00:00"
+    write_log(tmp_path, [early], [], hour="2026-12-05T01")
+    recent = served(3, "asked just now", "new")
+    recent["timestamp"] = "2026-12-05T04:59:00.000+00:00"
+    write_log(tmp_path, [recent], [], hour="2026-12-05T04")
+    (tmp_path / "traffic-2026-11-20T00.jsonl").mkdir()  # opening it would fail: an old hour is skipped unread
+
+    now = datetime(2026, 12, 5, 5, 0, tzinfo=UTC)
+    since = traffic_window(MonitorParams(window_hours=2), now)
+    assert since == now - timedelta(hours=2)
+    assert served_prompts(tmp_path, "1", since=since) == [(Turn("user", "asked just now"),)]
+    wider = since - timedelta(hours=2)
+    assert [p[0].content for p in served_prompts(tmp_path, "1", since=wider)] == ["asked early today", "asked just now"]
