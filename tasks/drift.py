@@ -269,11 +269,14 @@ def drift_fingerprint(champion_version: str, batch: Sequence[Path], traffic: Pat
 
 
 def already_fired(record: Path, fingerprint: dict[str, str]) -> bool:
-    """Whether the last drift event (`record`, written by `remember_fired`) was fired for this fingerprint."""
+    """Whether the last drift event (`record`, written by `remember_fired`) was fired for this champion and
+    judged traffic, with no new batch since: none now (the retrain archived it), or the same one."""
     try:
-        return json.loads(record.read_text()) == fingerprint
+        last = json.loads(record.read_text())
     except (OSError, ValueError):
         return False
+    same = all(last.get(key) == fingerprint[key] for key in ("champion_version", "traffic"))
+    return same and fingerprint["batch"] in ("", last.get("batch"))
 
 
 def remember_fired(record: Path, fingerprint: dict[str, str]) -> None:
