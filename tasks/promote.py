@@ -64,8 +64,11 @@ def fetch_champion(
     identical = current.tags.get(DIGEST_TAG) == digest
     same = current if identical else None
     if same is None:
-        versions = tracking.client_for(tracking_params).search_model_versions(f"name='{registry.model_name}'")
+        client = tracking.client_for(tracking_params)
+        versions = client.search_model_versions(f"name='{registry.model_name}'")
         same = next((v for v in versions if v.tags.get(DIGEST_TAG) == digest), None)
+        if same is not None:  # a search leaves aliases out; the version itself names them
+            same = client.get_model_version(registry.model_name, same.version)
     return Champion(
         model_dir=model_dir,
         version=str(current.version),
