@@ -750,6 +750,12 @@ def redaction_figures(demo) -> list[Figure]:
     return [Figure(**figure) for figure in redaction_figures()]
 
 
+def monitor_figures(demo) -> list[Figure]:
+    from monitor import monitor_figures  # bench/monitor.py
+
+    return [Figure(**figure) for figure in monitor_figures(BASE, WORK / "monitor")]
+
+
 def two_runs_figures(demo) -> list[Figure]:
     from host_slots import two_runs_figures  # bench/host_slots.py
 
@@ -770,9 +776,10 @@ GROUPS = {
     "serve": serve_figures,
     "redaction": redaction_figures,
     "two_runs": two_runs_figures,
+    "monitor": monitor_figures,  # drift check time at 10x the training set and the traffic log vs 1x
     "data": lambda demo: [Figure(**row) for row in validate_rows(WORK)],  # llmops validate at 10k and 100k rows
 }
-NO_DEMO = {"gpu", "redaction", "two_runs", "data"}  # groups that make their own data
+NO_DEMO = {"gpu", "redaction", "two_runs", "data", "monitor"}  # groups that make their own data
 
 
 def main() -> None:

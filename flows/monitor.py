@@ -23,7 +23,16 @@ from llmops.data import batch_files
 from llmops.errors import LLMOpsError
 from llmops.orchestration import stage
 from llmops.traffic import served_prompts, traffic_log
-from tasks.drift import DriftReport, champion_reference, detect_drift, detect_traffic_drift
+from tasks.drift import (
+    DriftReport,
+    already_fired,
+    champion_reference,
+    detect_drift,
+    detect_traffic_drift,
+    drift_fingerprint,
+    remember_fired,
+    traffic_window,
+)
 
 DRIFT_EVENT = "llmops.drift.detected"
 drift_task = stage(detect_drift)
@@ -52,6 +61,7 @@ def monitor(params_file: str = str(DEFAULT_PARAMS), incoming: str | None = None)
     folder = Path(incoming) if incoming else params.monitor.incoming
     batch = batch_files(folder) if folder.exists() or incoming else []
     traffic = traffic_log(folder) if folder.is_dir() else None
+    log_folder = traffic  # the whole log: its judgments mark what a retrain could learn from
     if not batch and traffic is None:
         logger.info("No incoming data in %s: nothing to check.", folder)
         return []
@@ -61,8 +71,13 @@ def monitor(params_file: str = str(DEFAULT_PARAMS), incoming: str | None = None)
             f"No champion for {params.registry.model_name!r} yet, so there is nothing to compare incoming data "
             "against. Run `llmops run` first."
         )
-    if traffic is not None and not served_prompts(traffic, champion.version):
-        logger.info("The traffic log %s holds nothing the champion (version %s) served yet.", traffic, champion.version)
+    if traffic is not None and not served_prompts(traffic, champion.version, since=traffic_window(params.monitor)):
+        logger.info(
+            "The traffic log %s holds nothing the champion (version %s) served in the last %s hours.",
+            traffic,
+            champion.version,
+            params.monitor.window_hours,
+        )
         traffic = None
         if not batch:
             return []
@@ -106,7 +121,13 @@ def monitor(params_file: str = str(DEFAULT_PARAMS), incoming: str | None = None)
         run.log_text("\n\n".join(r.to_markdown() for r in reports), "drift_report.md")
         run.log_artifacts(run_dir, "drift")
         drifted = [r for r in reports if r.drifted]
-        run.set_tags({"drifted": str(bool(drifted)).lower()})
+        # No retrain storm: an event already fired for this champion, batch and judged traffic is not fired
+        # again (its retrain promoted, which moved the champion, or was rejected and would be again).
+        fingerprint = drift_fingerprint(champion.version, batch, log_folder)
+        fired_record = params.work_dir / "monitor" / f"fired-{params.registry.model_name}.json"
+        held_back = bool(drifted) and already_fired(fired_record, fingerprint)
+        event = "held_back" if held_back else "emitted" if drifted else "none"
+        run.set_tags({"drifted": str(bool(drifted)).lower(), "drift_event": event})
 
     for report in reports:
         key = "drift" if report.view == "conversations" else "traffic-drift"
@@ -115,7 +136,15 @@ def monitor(params_file: str = str(DEFAULT_PARAMS), incoming: str | None = None)
             [c.model_dump() for c in report.checks], key=f"{key}-scores", description=f"Drift: {report.verdict}"
         )
         logger.info("Drift check of %s: %s %s", report.source, report.verdict, report.scores())
-    if drifted:
+    if held_back:
+        logger.info(
+            "Drift again, but an event was already fired for champion %s with this batch and judged traffic (%s); "
+            "held back until new judged traffic arrives or the champion changes.",
+            champion.version,
+            fingerprint,
+        )
+    elif drifted:
+        remember_fired(fired_record, fingerprint)
         emit_event(
             DRIFT_EVENT,
             resource={"prefect.resource.id": dataset_resource(params.registry.model_name), "batch": str(folder)},

@@ -7,7 +7,8 @@ stays where it was.
 
 From fetching the champion to promoting, the run holds the registered model's lock: the gate judges the
 champion as it is when the candidate is registered, never one another run replaced meanwhile (a second run
-waits, then evaluates against the new champion). A candidate bit-identical to the champion stops there.
+waits, then evaluates against the new champion). A candidate bit-identical to the champion, or to any other
+registered version, stops there.
 """
 
 from __future__ import annotations
@@ -104,7 +105,12 @@ def retrain(
                 excess_length=params.data.excess_length,
                 chat_template=params.data.chat_template,
                 out=params.work_dir / "cleaned",  # the training set it checks is the one validate finds there
+                loop=params.loop,  # what judged traffic may teach, and how much of the set it may take
             )
+            # What was folded in, and why the rest was not (judged traffic's drops by reason), like cleaning's.
+            run.log_metrics(ingest.metrics())
+            run.log_text(ingest.to_markdown(), "ingest_report.md")
+            create_markdown_artifact(ingest.to_markdown(), key="ingest-report", description="Ingest and judged traffic")
         validation = run.stage(
             "validate",
             validate_task,
@@ -168,10 +174,15 @@ def retrain(
                 params.work_dir / "champions",
                 deployable.model_dir,
             )
-            if champion is not None and champion.identical:  # nothing new to judge or to register
-                run.set_tags({"unchanged_from_version": champion.version})
+            # Bit-identical to the champion or to any registered version (a rejected retrain repeated): nothing
+            # new to judge or to register.
+            if champion is not None and champion.identical_version is not None:
+                run.set_tags({"unchanged_from_version": champion.identical_version})
                 same = Promotion(
-                    model_name=params.registry.model_name, version=champion.version, alias="champion", unchanged=True
+                    model_name=params.registry.model_name,
+                    version=champion.identical_version,
+                    alias=champion.identical_alias or "",
+                    unchanged=True,
                 )
                 return RetrainSummary(
                     mlflow_run_id=run.run_id,

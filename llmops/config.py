@@ -357,6 +357,46 @@ class MonitorParams(Section):
     max_perplexity_ratio: float = Field(
         1.5, gt=1, description="Drift if the champion's perplexity on incoming / on reference responses is above."
     )
+    window_hours: float = Field(
+        24.0,
+        gt=0,
+        description="Served traffic older than this is out of the check: only the hourly files and rows of the last "
+        "window are read, so a check's cost does not grow with the log. Raise it where a day holds fewer than "
+        "min_rows requests.",
+    )
+    reference_rows: int = Field(
+        2000,
+        ge=2,
+        description="A fixed-size, seeded sample of the champion's training rows is the reference, so a check's cost "
+        "does not grow with the training set.",
+    )
+
+
+class LoopParams(Section):
+    """What served traffic may teach the model (`llmops.traffic.judged_traffic`, folded in by `tasks/ingest.py`).
+
+    Only text the server generated or a reviewer wrote ever becomes a training target; what the client sent is
+    context, never a target."""
+
+    user_ratings_train: bool = Field(
+        False,
+        description="An end user's \"up\" rating makes the server's answer a training target. Off by default: "
+        "anyone holding the serving key can rate, so user ratings are recorded (with who gave them) but only a "
+        "reviewer's judgment trains until a team trusts its users' ratings.",
+    )
+    user_corrections_train: bool = Field(
+        False,
+        description="A correction without the reviewer role (legacy feedback rows written before roles existed) "
+        "becomes a training target. Off by default: corrections are arbitrary text.",
+    )
+    max_traffic_share: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="Largest share of the training set that folded-in traffic may make up (1 = no cap). The "
+        "newest judged exchanges beyond it wait for the next retrain. 0.2 keeps the curated data the majority, so "
+        "a burst of judged traffic cannot swamp what the model learnt, while drifted traffic still moves it.",
+    )
 
 
 class DeployParams(Section):
@@ -465,6 +505,7 @@ class Params(Section):
     registry: RegistryParams = RegistryParams()
     tracking: TrackingParams = TrackingParams()
     monitor: MonitorParams = MonitorParams()
+    loop: LoopParams = LoopParams()
     deploy: DeployParams = DeployParams()
     serve: ServeParams = ServeParams()
     work_dir: Path = Field(Path("work"), description="Where stage outputs of each run are written.")

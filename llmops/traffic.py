@@ -27,11 +27,12 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from llmops.data import FEEDBACK_FILES, TRAFFIC_FILES, Conversation, Turn
+from llmops.config import LoopParams
+from llmops.data import FEEDBACK_FILES, ROLES, TRAFFIC_FILES, Conversation, Turn
 from llmops.privacy import redact
 
 log = logging.getLogger(__name__)
@@ -152,54 +153,189 @@ class TrafficLog:
         return True
 
 
-def _rows(folder: Path, pattern: str) -> Iterator[dict[str, Any]]:
+def _rows(folder: Path, pattern: str, since: datetime | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of the hourly files, oldest first; with `since`, only the files of hours that end after it
+    (the rest are never opened) and the rows stamped since then."""
     for path in sorted(folder.glob(pattern)):
+        if since is not None and _hour(path) is not None and _hour(path) + timedelta(hours=1) <= since:
+            continue
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError:  # a row cut short by a crash or a full disk: the rest still counts
                 log.warning("%s:%d is not a whole JSON row; skipped", path, number)
+                continue
+            if isinstance(row, dict) and isinstance(row.get("id"), str):
+                if since is None or _stamp(row) is None or _stamp(row) >= since:
+                    yield row
+            else:
+                log.warning("%s:%d is not a row of the traffic log (no id); skipped", path, number)
 
 
-def _turns(messages: list[dict[str, str]]) -> tuple[Turn, ...]:
-    return tuple(Turn(m["role"], m["content"]) for m in messages)
+def _hour(path: Path) -> datetime | None:
+    try:
+        return datetime.strptime(path.stem.split("-", 1)[1], "%Y-%m-%dT%H").replace(tzinfo=UTC)
+    except (IndexError, ValueError):
+        return None
 
 
-def served_prompts(folder: Path, version: str) -> list[tuple[Turn, ...]]:
-    """The prompts `version` answered: each logged conversation without the answer."""
-    return [_turns(row["messages"][:-1]) for row in _rows(folder, TRAFFIC_FILES) if str(row.get("version")) == version]
+def _stamp(row: dict[str, Any]) -> datetime | None:
+    try:
+        stamp = datetime.fromisoformat(str(row.get("timestamp")))
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+
+
+def exchange(row: dict[str, Any]) -> tuple[tuple[Turn, ...], str] | None:
+    """(the context the client sent, the answer the server wrote) of a logged row, or None when the row is
+    malformed. A row with `answer` is the current shape: `messages` is all context. A legacy row has no
+    `answer`: its last message is the server's, the rest context."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
+    ):
+        return None
+    if "answer" not in row:
+        if not messages or messages[-1]["role"] != "assistant":
+            return None
+        messages, answer = messages[:-1], messages[-1]["content"]
+    else:
+        answer = row["answer"]
+        if not isinstance(answer, str):
+            return None
+    # Client-sent assistant turns are context only: never a target, whatever they say (`Turn.train`).
+    context = tuple(Turn(m["role"], m["content"], train=m["role"] != "assistant") for m in messages)
+    return context, answer
+
+
+def served_prompts(folder: Path, version: str, since: datetime | None = None) -> list[tuple[Turn, ...]]:
+    """The prompts `version` answered (since `since`, when given): each logged exchange's context, without
+    the answer."""
+    prompts = []
+    for row in _rows(folder, TRAFFIC_FILES, since):
+        if str(row.get("version")) == version and (found := exchange(row)) is not None:
+            prompts.append(tuple(Turn(t.role, t.content) for t in found[0]))
+    return prompts
+
+
+# --- Judged traffic: what may train, once. ------------------------------------------------------------------
+
+REVIEWER, USER = "reviewer", "user"
+LEDGER = (
+    "considered.tsv"  # beside the log: ids already considered, and what became of each (not *.jsonl: never a batch)
+)
+
+
+@dataclass(frozen=True)
+class JudgedRow:
+    id: str
+    conversation: Conversation  # the context (never trained), then the one target
+    source: str  # "correction" (a reviewer's text) | "answer" (the server's, rated up)
+    role: str  # who judged it: reviewer | user
 
 
 @dataclass(frozen=True)
 class JudgedTraffic:
-    rows: list[Conversation]  # fit to train on, each once
-    left_out: int  # exchanges never judged, or judged "down" with no correction
-    duplicates: int  # judged exchanges the training set, or an earlier exchange, already holds
+    rows: list[JudgedRow]  # fit to train on, in the log's order (oldest first)
+    left_out: int  # never judged, judged "down" with no correction, or judged by someone whose judgment does not train
+    unreadable: list[str]  # ids of judged exchanges whose log row is malformed (no answer to train on)
+    considered_before: int  # judged exchanges an earlier ingest already considered (the ledger): skipped
+    duplicates: int = 0  # judged exchanges `known` (the training set's keys) or an earlier exchange already holds
 
     @property
     def folded(self) -> int:
         return len(self.rows)
 
 
-def judged_traffic(folder: Path, known: AbstractSet[str] = frozenset()) -> JudgedTraffic:
-    """The traffic worth training on, as conversations, leaving out any whose `Conversation.key()` is in
-    `known` (the training set's). The latest judgment of a response wins."""
-    judgments = {row["id"]: row for row in _rows(folder, FEEDBACK_FILES)}
-    rows: dict[str, Conversation] = {}
-    left_out = duplicates = 0
-    for exchange in _rows(folder, TRAFFIC_FILES):
-        judgment = judgments.get(exchange["id"], {})
-        messages = exchange["messages"]
-        if judgment.get("correction"):
-            messages = [*messages[:-1], {"role": "assistant", "content": judgment["correction"]}]
-        elif judgment.get("rating") != "up":
+def _judgment(judgments: list[dict[str, Any]], loop: LoopParams) -> tuple[str, str, str | None] | None:
+    """(target source, role, correction) of an exchange's judgments, or None when none trains. A reviewer's
+    latest judgment overrides any user's; a user's counts only where the loop config lets it."""
+    reviewed = [j for j in judgments if j.get("role") == REVIEWER]
+    latest = (reviewed or judgments)[-1]
+    role = REVIEWER if reviewed else USER  # legacy rows (no role) are a user's
+    correction = latest.get("correction")
+    if isinstance(correction, str) and correction.strip() and (role == REVIEWER or loop.user_corrections_train):
+        return "correction", role, correction
+    if latest.get("rating") == "up" and (role == REVIEWER or loop.user_ratings_train):
+        return "answer", role, None
+    return None
+
+
+def judged_traffic(
+    folder: Path,
+    loop: LoopParams | None = None,
+    known: AbstractSet[str] = frozenset(),
+    considered: AbstractSet[str] = frozenset(),
+) -> JudgedTraffic:
+    """The traffic worth training on: each exchange whose judgment trains (see `LoopParams`) as a conversation
+    of the context the client sent (assistant turns in it never trained) and ONE target, the reviewer's
+    correction or the server's answer. Exchanges whose id is in `considered` (the ledger) are skipped, and any
+    whose `Conversation.key()` is in `known`, or repeats an earlier one, is counted as a duplicate."""
+    loop = loop or LoopParams()
+    judgments: dict[str, list[dict[str, Any]]] = {}
+    for row in _rows(folder, FEEDBACK_FILES):
+        judgments.setdefault(row["id"], []).append(row)
+    rows: list[JudgedRow] = []
+    seen: set[str] = set(known)
+    left_out = considered_before = duplicates = 0
+    unreadable: list[str] = []
+    for row in _rows(folder, TRAFFIC_FILES):
+        verdict = _judgment(judgments[row["id"]], loop) if row["id"] in judgments else None
+        if verdict is None:
             left_out += 1
             continue
-        conversation = Conversation(_turns(messages))
-        if conversation.key() in known or conversation.key() in rows:
+        if row["id"] in considered:
+            considered_before += 1
+            continue
+        found = exchange(row)
+        if found is None:
+            unreadable.append(row["id"])
+            continue
+        context, answer = found
+        source, role, correction = verdict
+        conversation = Conversation((*context, Turn("assistant", correction if correction is not None else answer)))
+        key = conversation.key()
+        if key in seen:
             duplicates += 1
-        else:
-            rows[conversation.key()] = conversation
-    return JudgedTraffic(rows=list(rows.values()), left_out=left_out, duplicates=duplicates)
+            continue
+        seen.add(key)
+        rows.append(JudgedRow(row["id"], conversation, source, role))
+    return JudgedTraffic(
+        rows=rows, left_out=left_out, unreadable=unreadable, considered_before=considered_before, duplicates=duplicates
+    )
+
+
+def considered_ids(folder: Path) -> dict[str, str]:
+    """The ledger: judged exchange id -> what became of it (folded, already_there, or dropped:<reason>)."""
+    ledger = folder / LEDGER
+    if not ledger.is_file():
+        return {}
+    outcomes = {}
+    for line in ledger.read_text(encoding="utf-8").splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 2:
+            outcomes[fields[0]] = fields[1]
+    return outcomes
+
+
+def record_considered(folder: Path, outcomes: dict[str, str]) -> None:
+    """Append to the ledger: these judged exchanges were considered, and what became of each. Written after
+    the dataset is versioned, so a crash before it leaves them to be considered again, never lost."""
+    if not outcomes:
+        return
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    with (folder / LEDGER).open("a", encoding="utf-8") as handle:
+        handle.write("".join(f"{i}\t{outcome}\t{stamp}\n" for i, outcome in outcomes.items()))
+
+
+def feedback_mark(folder: Path) -> str:
+    """The traffic log's judged high-water mark: how many judgments, and the latest one's time. New feedback
+    moves it; the monitor does not fire twice for the same mark and champion."""
+    count, latest = 0, ""
+    for row in _rows(folder, FEEDBACK_FILES):
+        count += 1
+        latest = max(latest, str(row.get("timestamp", "")))
+    return f"{count}@{latest}"

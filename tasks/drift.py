@@ -14,10 +14,13 @@ Any view over its threshold is drift. Too few incoming rows give no verdict rath
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from collections import Counter
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -28,12 +31,12 @@ from scipy.stats import ks_2samp
 
 from llmops.chat import render, render_prompt
 from llmops.config import MonitorParams
-from llmops.data import Conversation, Turn, read_conversations, restore_files
+from llmops.data import Conversation, Turn, file_md5, read_conversations, restore_files
 from llmops.devices import DeviceChoice, DtypeChoice, resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir
 from llmops.modeling import EVAL_MAX_SEQ_LEN, load_model, load_tokenizer, prompt_perplexity, response_perplexity
-from llmops.traffic import served_prompts
+from llmops.traffic import feedback_mark, served_prompts
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,11 @@ def detect_drift(
     return _compare(params, reference, incoming, "conversations", source, rows, champion_dir, out, device, dtype)
 
 
+def traffic_window(params: MonitorParams, now: datetime | None = None) -> datetime:
+    """The start of the served-traffic window the check reads (`monitor.window_hours`)."""
+    return (now or datetime.now(UTC)) - timedelta(hours=params.window_hours)
+
+
 def detect_traffic_drift(
     params: MonitorParams,
     reference: Path,
@@ -114,9 +122,9 @@ def detect_traffic_drift(
     device: DeviceChoice = "auto",
     dtype: DtypeChoice = "auto",
 ) -> DriftReport:
-    """Compare the prompts that `version` (the champion) was served, from the traffic log in `traffic`, with
-    the prompts of `reference`; as `detect_drift` otherwise."""
-    prompts = served_prompts(traffic, version)
+    """Compare the prompts that `version` (the champion) was served in the last `monitor.window_hours`, from the
+    traffic log in `traffic`, with the prompts of `reference`; as `detect_drift` otherwise."""
+    prompts = served_prompts(traffic, version, since=traffic_window(params))
     source = f"prompts served by version {version} ({traffic})"
     return _compare(params, reference, [traffic], "prompts", source, prompts, champion_dir, out, device, dtype)
 
@@ -135,6 +143,8 @@ def _compare(
 ) -> DriftReport:
     tokenizer = load_tokenizer(champion_dir)
     reference_rows = read_conversations(reference)
+    if len(reference_rows) > params.reference_rows:  # a fixed-size, seeded sample: the cost stays flat
+        reference_rows = random.Random(0).sample(reference_rows, params.reference_rows)
     prompts_only = view == "prompts"
     if prompts_only:
         reference_rows = [c.prompt for c in reference_rows]
@@ -240,3 +250,37 @@ def _plot_lengths(reference: list[int], incoming: list[int], path: Path) -> Path
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# --- No retrain storm: the monitor fires once for the same champion and the same incoming data. -----------
+
+
+def drift_fingerprint(champion_version: str, batch: Sequence[Path], traffic: Path | None) -> dict[str, str]:
+    """What a drift event is fired for: the champion, the batch's files (names and contents) and the traffic
+    log's judged high-water mark (`llmops.traffic.feedback_mark`). A retrain that answers the event either
+    moves the champion (promoted) or not (rejected); only a new champion, a new batch or new judgments are
+    worth another retrain: the same ones would make the same candidate."""
+    listing = "".join(f"{f.name} {file_md5(f)}\n" for f in sorted(batch))
+    return {
+        "champion_version": champion_version,
+        "batch": hashlib.md5(listing.encode()).hexdigest() if batch else "",
+        "traffic": feedback_mark(traffic) if traffic is not None else "",
+    }
+
+
+def already_fired(record: Path, fingerprint: dict[str, str]) -> bool:
+    """Whether the last drift event (`record`, written by `remember_fired`) was fired for this champion and
+    judged traffic, with no new batch since: none now (the retrain archived it), or the same one."""
+    try:
+        last = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    same = all(last.get(key) == fingerprint[key] for key in ("champion_version", "traffic"))
+    return same and fingerprint["batch"] in ("", last.get("batch"))
+
+
+def remember_fired(record: Path, fingerprint: dict[str, str]) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    partial = record.with_name(f".{record.name}.tmp")
+    partial.write_text(json.dumps(fingerprint, sort_keys=True))
+    partial.replace(record)  # atomic: a crash leaves the previous record, never half of one

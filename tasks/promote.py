@@ -2,7 +2,8 @@
 
 The only stage that writes aliases. Lineage is attached to the version as `lineage.*` tags, so any
 champion can be traced to its data, code, parameters and runs. Each version also carries the digest of its
-model files, so a candidate bit-identical to the champion is recognised and registers nothing new.
+model files, so a candidate bit-identical to any registered version (the champion, or a challenger an
+earlier rejected run registered) is recognised and registers nothing new.
 """
 
 from __future__ import annotations
@@ -45,18 +46,37 @@ class Champion(BaseModel, frozen=True):
     version: str
     run_id: str
     identical: bool  # the candidate's model files are bit-identical to the champion's
+    # The registered version (the champion or any other) the candidate is bit-identical to, and its alias.
+    identical_version: str | None = None
+    identical_alias: str | None = None
 
 
 def fetch_champion(
     tracking_params: TrackingParams, registry: RegistryParams, dest_root: Path, candidate_dir: Path
 ) -> Champion | None:
-    """The champion's model folder (downloaded once per version), and whether the candidate is the same model."""
+    """The champion's model folder (downloaded once per version), and whether the candidate is the same model
+    as the champion or as any other registered version (a rejected retrain's challenger, repeated)."""
     current = tracking.champion_version(tracking_params, registry)
     if current is None:
         return None
     model_dir = tracking.download_champion(tracking_params, registry, dest_root)
-    identical = current.tags.get(DIGEST_TAG) == folder_digest(candidate_dir)
-    return Champion(model_dir=model_dir, version=str(current.version), run_id=current.run_id, identical=identical)
+    digest = folder_digest(candidate_dir)
+    identical = current.tags.get(DIGEST_TAG) == digest
+    same = current if identical else None
+    if same is None:
+        client = tracking.client_for(tracking_params)
+        versions = client.search_model_versions(f"name='{registry.model_name}'")
+        same = next((v for v in versions if v.tags.get(DIGEST_TAG) == digest), None)
+        if same is not None:  # a search leaves aliases out; the version itself names them
+            same = client.get_model_version(registry.model_name, same.version)
+    return Champion(
+        model_dir=model_dir,
+        version=str(current.version),
+        run_id=current.run_id,
+        identical=identical,
+        identical_version=same and str(same.version),
+        identical_alias=tracking.CHAMPION if identical else same and (same.aliases or [""])[0],
+    )
 
 
 def promote(

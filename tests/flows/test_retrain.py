@@ -134,6 +134,42 @@ def test_a_rejected_candidate_becomes_challenger_and_champion_stays(project):
     assert not rejected.decision.passed and rejected.promotion.alias == "challenger"
     assert champion(params) == before
 
+    # The same rejected retrain again (a repeated drift event): the candidate is the challenger, bit for bit,
+    # so nothing is judged or registered twice.
+    versions = len(tracking.client_for(params.tracking).search_model_versions(f"name='{params.registry.model_name}'"))
+    again = retrain(params_file=str(params_file), overrides=overrides, reason="drift")
+    assert again.promotion.unchanged and again.decision is None
+    assert (again.promotion.version, again.promotion.alias) == (rejected.promotion.version, "challenger")
+    client = tracking.client_for(params.tracking)
+    assert len(client.search_model_versions(f"name='{params.registry.model_name}'")) == versions
+    assert champion(params) == before
+
+
+def test_the_monitor_fires_once_until_new_judged_traffic_arrives(project, tmp_path):
+    """No retrain storm: the same champion, batch and judgments fire one drift event, not one an hour."""
+    from flows.monitor import monitor
+    from tasks.bootstrap import build_incoming_batch
+    from tests.data.traffic_rows import judged, served, write_log
+
+    params_file, _ = project
+    params = load_params(params_file)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    build_incoming_batch(params.bootstrap, incoming / "drifted.jsonl", drifted=True)
+    write_log(incoming / "traffic", [served(1, "What color is the okapi?", "brown", version="0")], [judged(1)])
+    client = tracking.client_for(params.tracking)
+
+    def event() -> str:
+        monitor(params_file=str(params_file), incoming=str(incoming))
+        experiment = client.get_experiment_by_name(f"{params.tracking.experiment}-monitor")
+        order = ["attributes.start_time DESC"]
+        [latest] = client.search_runs([experiment.experiment_id], order_by=order, max_results=1)
+        return latest.data.tags["drift_event"]
+
+    assert [event(), event()] == ["emitted", "held_back"]
+    write_log(incoming / "traffic", [], [judged(1, "down", "a reviewer's better answer")])  # new judged traffic
+    assert event() == "emitted"
+
 
 def test_a_two_rank_zero3_run_goes_through_every_stage(project):
     """DeepSpeed ZeRO-3 on 2 CPU ranks: the adapter is gathered whole from the weight shards, merges,

@@ -106,3 +106,26 @@ def test_served_prompts_about_new_things_are_drift_and_familiar_ones_are_not(cha
 
     other_version = check(tmp_path / "drifted", version="2")  # nothing this version served
     assert other_version.incoming_rows == 0 and other_version.verdict == "too few rows to judge"
+
+
+def test_a_drift_event_is_held_back_until_a_new_champion_batch_or_judgment(tmp_path):
+    """No retrain storm: what the monitor fired for is remembered; the same again (or the same with its batch
+    archived by the retrain) is held back."""
+    from tasks.drift import already_fired, drift_fingerprint, remember_fired
+    from tests.data.traffic_rows import judged, served, write_log
+
+    record = tmp_path / "fired.json"
+    batch = tmp_path / "incoming" / "drifted.jsonl"
+    batch.parent.mkdir()
+    batch.write_text('{"prompt": "a", "response": "b"}\n')
+    traffic = write_log(tmp_path / "incoming" / "traffic", [served(1, "q?", "a")], [judged(1)])
+    fired = drift_fingerprint("3", [batch], traffic)
+    assert not already_fired(record, fired)
+    remember_fired(record, fired)
+    assert already_fired(record, drift_fingerprint("3", [batch], traffic))
+    assert already_fired(record, drift_fingerprint("3", [], traffic))  # the retrain archived the batch
+    assert not already_fired(record, drift_fingerprint("4", [], traffic))  # a new champion
+    batch.write_text('{"prompt": "c", "response": "d"}\n')
+    assert not already_fired(record, drift_fingerprint("3", [batch], traffic))  # a new batch
+    write_log(traffic, [], [judged(1, "down", "a better answer")])
+    assert not already_fired(record, drift_fingerprint("3", [], traffic))  # new judged traffic

@@ -4,7 +4,7 @@ import pytest
 from llmops import tracking
 from llmops.errors import LLMOpsError
 from tasks.gate import Check, GateDecision
-from tasks.promote import Lineage, promote
+from tasks.promote import Lineage, fetch_champion, promote
 
 PASS = GateDecision(passed=True, checks=[])
 REJECT = GateDecision(
@@ -27,7 +27,7 @@ def promote_once(params, assets):
     client = tracking.client_for(params.tracking)
     experiment = client.create_experiment("promote-tests", artifact_location=params.tracking.artifact_location)
 
-    def run(decision: GateDecision, dataset_hash: str = "d" * 32):
+    def run(decision: GateDecision, dataset_hash: str = "d" * 32, model_dir=None):
         run_id = client.create_run(experiment).info.run_id
         lineage = Lineage(
             dataset_hash=dataset_hash,
@@ -37,7 +37,7 @@ def promote_once(params, assets):
             mlflow_run_id=run_id,
             reason="test",
         )
-        return promote(params.registry, params.tracking, decision, assets / "model", lineage)
+        return promote(params.registry, params.tracking, decision, model_dir or assets / "model", lineage)
 
     return run
 
@@ -109,3 +109,24 @@ def test_rollback_then_new_promotion_keeps_the_stack(params, promote_once):
     assert champion(params) == v3
     assert tracking.rollback(params.tracking, params.registry, "again") == (v3, v1)
     assert v2 == "2"
+
+
+def test_a_candidate_identical_to_any_registered_version_is_recognised(params, promote_once, assets, tmp_path):
+    """A rejected retrain repeated makes the same candidate: it matches the challenger, not only the champion."""
+    import shutil
+
+    other = tmp_path / "other-model"
+    shutil.copytree(assets / "model", other)
+    (other / "README.md").write_text("a different model folder\n")
+    champion_version = promote_once(PASS, model_dir=other).version
+    rejected = promote_once(REJECT)  # assets/model, registered as challenger
+
+    same = fetch_champion(params.tracking, params.registry, tmp_path / "champions", assets / "model")
+    assert same.version == champion_version and not same.identical
+    assert (same.identical_version, same.identical_alias) == (rejected.version, "challenger")
+    itself = fetch_champion(params.tracking, params.registry, tmp_path / "champions", other)
+    assert (itself.identical, itself.identical_version, itself.identical_alias) == (True, champion_version, "champion")
+    fresh = tmp_path / "fresh-model"
+    shutil.copytree(assets / "model", fresh)
+    (fresh / "README.md").write_text("never registered\n")
+    assert fetch_champion(params.tracking, params.registry, tmp_path / "champions", fresh).identical_version is None
