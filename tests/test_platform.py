@@ -263,6 +263,9 @@ def test_the_drift_cli_exits_0_on_data_like_the_training_data(platform):
     assert retrain_runs(platform, "drift") == []
 
 
+REVIEWER_KEY = "reviewer-key-of-the-loop-test"  # only a reviewer's judgments train (loop.user_ratings_train)
+
+
 @contextlib.contextmanager
 def serving(platform: Platform):
     """`llmops serve` (what `make serve` runs) on the platform's registry, on a free port; yields its URL."""
@@ -270,7 +273,8 @@ def serving(platform: Platform):
     command = [sys.executable, "-m", "llmops.cli", "--params", str(platform.params_file), "serve", "--port", str(port)]
     log = platform.params.work_dir / "serve.log"
     with log.open("ab") as output:  # a file, not a pipe: a full pipe would block the server
-        server = subprocess.Popen(command, env=platform.cli_env(), stdout=output, stderr=subprocess.STDOUT)
+        env = {**platform.cli_env(), "LLMOPS_REVIEWER_API_KEY": REVIEWER_KEY}
+        server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
 
@@ -317,7 +321,10 @@ def test_the_loop_served_traffic_drifts_and_only_its_judged_rows_retrain_a_champ
         judgments = [({"rating": "down", "correction": q.reference}, a) for q, a in corrected]
         judgments += [({"rating": "up"}, a) for _, a in liked] + [({"rating": "down"}, a) for _, a in rejected]
         for judgment, answer in judgments:
-            response = httpx.post(f"{url}/v1/feedback", json={"id": answer["id"], **judgment}, timeout=10)
+            reviewer = {"Authorization": f"Bearer {REVIEWER_KEY}"}
+            response = httpx.post(
+                f"{url}/v1/feedback", json={"id": answer["id"], **judgment}, headers=reviewer, timeout=10
+            )
             assert response.status_code == 200, response.text
 
         with platform.client(), get_client(sync_client=True) as client:
