@@ -71,21 +71,22 @@ def monitor(params_file: str = str(DEFAULT_PARAMS), incoming: str | None = None)
             f"No champion for {params.registry.model_name!r} yet, so there is nothing to compare incoming data "
             "against. Run `llmops run` first."
         )
-    if traffic is not None and not served_prompts(traffic, champion.version, since=traffic_window(params.monitor)):
+    version = str(champion.version)  # MLflow gives an int; the log and the lineage reader name versions as text
+    if traffic is not None and not served_prompts(traffic, version, since=traffic_window(params.monitor)):
         logger.info(
             "The traffic log %s holds nothing the champion (version %s) served in the last %s hours.",
             traffic,
-            champion.version,
+            version,
             params.monitor.window_hours,
         )
         traffic = None
         if not batch:
             return []
-    lineage = tracking.describe_version(params.tracking, params.registry, champion.version)
+    lineage = tracking.describe_version(params.tracking, params.registry, version)
     reference = champion_reference(lineage["dataset"], lineage["dataset_record"])
     champion_dir = tracking.download_champion(params.tracking, params.registry, params.work_dir / "champions")
     run_dir = params.work_dir / "monitor" / str(runtime.flow_run.id)
-    tags = {"prefect_flow_run_id": str(runtime.flow_run.id), "champion_version": champion.version}
+    tags = {"prefect_flow_run_id": str(runtime.flow_run.id), "champion_version": version}
     experiment = f"{params.tracking.experiment}-monitor"
     placement = {"device": params.model.device, "dtype": params.model.dtype}
 
@@ -112,7 +113,7 @@ def monitor(params_file: str = str(DEFAULT_PARAMS), incoming: str | None = None)
                     params.monitor,
                     reference,
                     traffic,
-                    champion.version,
+                    version,
                     champion_dir,
                     out=run_dir / "traffic",
                     **placement,
@@ -123,7 +124,7 @@ def monitor(params_file: str = str(DEFAULT_PARAMS), incoming: str | None = None)
         drifted = [r for r in reports if r.drifted]
         # No retrain storm: an event already fired for this champion, batch and judged traffic is not fired
         # again (its retrain promoted, which moved the champion, or was rejected and would be again).
-        fingerprint = drift_fingerprint(champion.version, batch, log_folder)
+        fingerprint = drift_fingerprint(version, batch, log_folder)
         fired_record = params.work_dir / "monitor" / f"fired-{params.registry.model_name}.json"
         held_back = bool(drifted) and already_fired(fired_record, fingerprint)
         event = "held_back" if held_back else "emitted" if drifted else "none"
@@ -140,7 +141,7 @@ def monitor(params_file: str = str(DEFAULT_PARAMS), incoming: str | None = None)
         logger.info(
             "Drift again, but an event was already fired for champion %s with this batch and judged traffic (%s); "
             "held back until new judged traffic arrives or the champion changes.",
-            champion.version,
+            version,
             fingerprint,
         )
     elif drifted:
@@ -151,7 +152,7 @@ def monitor(params_file: str = str(DEFAULT_PARAMS), incoming: str | None = None)
             payload={
                 "incoming": str(folder.resolve()),
                 "params_file": str(Path(params_file).resolve()),
-                "champion_version": champion.version,
+                "champion_version": version,
                 "drifted": [r.view for r in drifted],
                 "scores": {r.view: r.scores() for r in drifted},
                 "mlflow_run_id": run.run_id,
