@@ -315,6 +315,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         args.mode,
         excess_length=params.data.excess_length,
         chat_template=params.data.chat_template,
+        loop=params.loop,
     )
     if args.json:
         print(json.dumps({"ok": True, **result.model_dump(mode="json")}))
