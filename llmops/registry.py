@@ -58,11 +58,15 @@ _held_guard = threading.Lock()
 def registry_lock(tracking: TrackingParams, registry: RegistryParams) -> Iterator[None]:
     """One writer at a time for this registered model, with what the stores offer.
 
-    - A Prefect global concurrency limit of 1 (`llmops-registry-<model>`, created on first use) when a Prefect
-      API is configured, which every worker of that API sees, on any machine. This is the lock that counts
-      on a platform of several hosts.
-    - A file lock (flock) beside an embedded SQLite store, which every process using that store can see; for
-      a remote tracking server, in this machine's temp folder (it only guards this machine).
+    - A file lock (flock) beside an embedded SQLite store, which every process using that store can see (a
+      process that cannot open the file cannot write the store either); for a remote tracking server, in this
+      machine's temp folder, where it only guards this machine.
+    - For a tracking server, also a Prefect global concurrency limit of 1 (`llmops-registry-<model>`, created
+      on first use) when a Prefect API is configured, which every worker of that API sees, on any machine:
+      the lock that counts on a platform of several hosts. Not for an embedded store, where the file lock
+      already excludes every writer, and a slot leaked by a holder that died can outlive its lease on an API
+      that does not reclaim expired leases (seen on Prefect's test harness: a slot held 12 minutes past a
+      5-minute lease, and every later promotion waiting on it).
     """
     key = f"{tracking.uri}|{registry.model_name}"
     with _held_guard:
@@ -73,7 +77,7 @@ def registry_lock(tracking: TrackingParams, registry: RegistryParams) -> Iterato
             yield
             return
         with ExitStack() as stack:
-            if prefect_api_configured():
+            if prefect_api_configured() and not tracking.uri.startswith("sqlite:///"):
                 name = f"llmops-registry-{registry.model_name}"
                 stack.enter_context(prefect_limit(name, "waiting for the registry lock: another run holds it"))
             stack.enter_context(exclusive(_lock_path(tracking, registry), "waiting for another run to promote"))
