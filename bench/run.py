@@ -750,6 +750,12 @@ def redaction_figures(demo) -> list[Figure]:
     return [Figure(**figure) for figure in redaction_figures()]
 
 
+def engine_figures(demo) -> list[Figure]:
+    from serve import concurrency_figures  # bench/serve.py
+
+    return [Figure(**figure) for figure in concurrency_figures()]
+
+
 def two_runs_figures(demo) -> list[Figure]:
     from host_slots import two_runs_figures  # bench/host_slots.py
 
@@ -768,11 +774,12 @@ GROUPS = {
     "flow": lambda demo: flow_figures(),
     "gpu": lambda demo: gpu_figures() if torch.cuda.is_available() else [],
     "serve": serve_figures,
+    "engine": engine_figures,  # 8 concurrent clients vs 1 on the batching engine and on one-at-a-time reply()
     "redaction": redaction_figures,
     "two_runs": two_runs_figures,
     "data": lambda demo: [Figure(**row) for row in validate_rows(WORK)],  # llmops validate at 10k and 100k rows
 }
-NO_DEMO = {"gpu", "redaction", "two_runs", "data"}  # groups that make their own data
+NO_DEMO = {"gpu", "redaction", "two_runs", "data", "engine"}  # groups that make their own data
 
 
 def main() -> None:
