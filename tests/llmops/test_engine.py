@@ -66,9 +66,13 @@ def answers_concurrently(model, tokenizer, conversations, max_new_tokens: int, m
 
 def test_concurrent_greedy_answers_equal_one_at_a_time_replies(tiny):
     model, tokenizer = tiny
-    one_at_a_time = [reply(model, tokenizer, [c], max_new_tokens=40)[0] for c in CONVERSATIONS]
+    # A cap under the longest free answer, so some answers end at EOS and others at the cap (whatever this
+    # session's tiny model says: a fixed cap could see every answer end at EOS).
+    free = [reply(model, tokenizer, [c], max_new_tokens=40)[0] for c in CONVERSATIONS]
+    cap = max(2, max(len(tokenizer(g.text, add_special_tokens=False)["input_ids"]) for g in free) - 1)
+    one_at_a_time = [reply(model, tokenizer, [c], max_new_tokens=cap)[0] for c in CONVERSATIONS]
     # More requests than slots: some wait and join the batch as others finish.
-    batched = answers_concurrently(model, tokenizer, CONVERSATIONS, max_new_tokens=40, max_batch=4)
+    batched = answers_concurrently(model, tokenizer, CONVERSATIONS, max_new_tokens=cap, max_batch=4)
     assert [g for _, g in batched] == one_at_a_time
     assert [streamed for streamed, _ in batched] == [g.text for g in one_at_a_time]  # the pieces join to the text
     assert any(g.stopped_at_eos for g in one_at_a_time) and not all(g.stopped_at_eos for g in one_at_a_time)
