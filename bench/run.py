@@ -756,6 +756,12 @@ def monitor_figures(demo) -> list[Figure]:
     return [Figure(**figure) for figure in monitor_figures(BASE, WORK / "monitor")]
 
 
+def engine_figures(demo) -> list[Figure]:
+    from serve import concurrency_figures  # bench/serve.py
+
+    return [Figure(**figure) for figure in concurrency_figures()]
+
+
 def two_runs_figures(demo) -> list[Figure]:
     from host_slots import two_runs_figures  # bench/host_slots.py
 
@@ -774,12 +780,13 @@ GROUPS = {
     "flow": lambda demo: flow_figures(),
     "gpu": lambda demo: gpu_figures() if torch.cuda.is_available() else [],
     "serve": serve_figures,
+    "engine": engine_figures,  # 8 concurrent clients vs 1 on the batching engine and on one-at-a-time reply()
     "redaction": redaction_figures,
     "two_runs": two_runs_figures,
     "monitor": monitor_figures,  # drift check time at 10x the training set and the traffic log vs 1x
     "data": lambda demo: [Figure(**row) for row in validate_rows(WORK)],  # llmops validate at 10k and 100k rows
 }
-NO_DEMO = {"gpu", "redaction", "two_runs", "data", "monitor"}  # groups that make their own data
+NO_DEMO = {"gpu", "redaction", "two_runs", "data", "monitor", "engine"}  # groups that make their own data
 
 
 def main() -> None:

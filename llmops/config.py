@@ -466,10 +466,17 @@ class ServeParams(Section):
     max_prompt_tokens: int = Field(1024, ge=1, description="Longest prompt a request may send, in tokens (else 400).")
     max_tokens: int = Field(256, ge=1, description="Largest max_tokens a request may ask for (else 400).")
     default_max_tokens: int = Field(64, ge=1, description="New tokens generated when a request names no max_tokens.")
+    max_batch: int = Field(
+        8,
+        ge=1,
+        description="Requests generated together, sharing each forward pass (continuous batching, llmops.engine); "
+        "more wait for a slot. Its KV cache holds max_batch requests of max_prompt_tokens + max_tokens tokens.",
+    )
     max_queue: int = Field(
         16,
         ge=0,
-        description="Requests that may wait for generation beside the one generating; more get 503 with Retry-After.",
+        description="Requests (prompts) that may wait for a generation slot beside the max_batch generating; "
+        "more get 503 with Retry-After.",
     )
     max_body_bytes: int = Field(
         1_000_000, ge=1000, description="Largest request body in bytes, counted as it arrives (else 413)."

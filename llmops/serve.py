@@ -7,9 +7,13 @@
 - `create_app` is the FastAPI app: `/v1/chat/completions`, `/v1/completions` (whole, or streamed as
   Server-Sent Events while generating), `/v1/models`, `/health`, `/v1/feedback`, with bearer-token access
   (a serving key; a distinct reviewer key for corrections) and bounded admission: body size, prompts, turns
-  and prompt tokens are checked before any rendering, at most `serve.max_queue` requests wait (more get 503
-  with Retry-After), and a request whose client has gone stops generating. The handlers are plain functions
-  of a `Server` (what they share); `create_app` only wires them.
+  and prompt tokens are checked before any rendering, at most `serve.max_queue` requests wait for a slot
+  (more get 503 with Retry-After), and a request whose client has gone stops generating and frees its slot.
+  The handlers are plain functions of a `Server` (what they share); `create_app` only wires them.
+- Generation is batched: each loaded version has its `llmops.engine.Engine`, made on the event loop that
+  serves, where up to `serve.max_batch` requests share every forward pass. A request holds its version (and
+  so its engine) until it answers; when the champion moves, new requests go to the new version's engine and
+  the old one is closed once the requests holding it are done (`Server.retire`).
 - Each answer is appended, redacted, to the traffic log under the monitor's incoming folder, and feedback
   beside it (`llmops.traffic`), off the event loop: the monitor and the next retrain read them back.
 - Nothing the server shows or logs carries a credential (`mask`, `MaskSecrets`).
@@ -35,8 +39,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +56,7 @@ from starlette.exceptions import HTTPException
 from llmops.chat import render_prompt
 from llmops.data import Turn
 from llmops.devices import resolve_placement
+from llmops.engine import Engine
 from llmops.errors import LLMOpsError
 from llmops.files import mask_secrets
 from llmops.modeling import Generation, generate, load_model, load_tokenizer
@@ -72,9 +76,9 @@ def _conversation_prompt(messages: Sequence[dict[str, str]]) -> list[Turn]:
     return [Turn(m["role"], m["content"]) for m in messages]
 
 
-def prompt_token_count(tokenizer, messages: Sequence[dict[str, str]]) -> int:
-    """Tokens of the model input for `messages`, as generation will see them."""
-    return len(render_prompt(tokenizer, _conversation_prompt(messages)))
+def prompt_ids(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The model input for `messages`, as generation sees it (`llmops.chat.render_prompt`)."""
+    return render_prompt(tokenizer, _conversation_prompt(messages))
 
 
 def reply(
@@ -165,9 +169,10 @@ def model_signature():
 # --- Following the champion ----------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # one version in memory is itself: compared by identity
 class LoadedVersion:
-    """One registered version in memory. `lock` serializes generation: tokenizers are not thread-safe."""
+    """One registered version in memory. The HTTP server gives it its `engine` and counts the requests that
+    hold it (`requests`), on its event loop only: the tokenizer and the engine are used from that loop alone."""
 
     model_name: str
     version: str
@@ -175,8 +180,10 @@ class LoadedVersion:
     tokenizer: Any
     load_seconds: float
     loaded_at: float = field(default_factory=time.time)
-    lock: threading.Lock = field(default_factory=threading.Lock)
     max_token_chars: int = field(init=False)  # the longest token's characters: the prompt's cheap length bound
+    engine: Engine | None = None  # made on first use, on the serving loop (`Server.engine`)
+    requests: int = 0  # requests holding this version now
+    retired: bool = False  # the champion moved on: no new request takes it; its engine closes when it is free
 
     def __post_init__(self) -> None:
         self.max_token_chars = max(1, max((len(t) for t in self.tokenizer.get_vocab()), default=1))
@@ -197,6 +204,8 @@ class ChampionFollower:
         self.failed: dict[str, dict[str, Any]] = {}  # version -> {"error", "at"}: why and when it failed to load
         self.retry_seconds = max(60.0, 10 * poll_seconds)  # a failed version is tried again after this long
         self.registry_error: str | None = None
+        # Called on the follower's thread with the version just replaced (the HTTP server retires its engine).
+        self.on_swap: Callable[[LoadedVersion], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -253,6 +262,8 @@ class ChampionFollower:
             loaded.load_seconds,
             previous.name if previous else "nothing",
         )
+        if previous is not None and self.on_swap is not None:
+            self.on_swap(previous)
 
     def _serving(self) -> str:
         return self.current.name if self.current else "nothing"
@@ -388,7 +399,7 @@ class APIError(Exception):
 
 
 class _ClientGone(Exception):
-    """Raised into a generation whose client went away: it ends there and lets the lock go."""
+    """The client of a non-streamed request went away: its generation was cancelled and its slot freed."""
 
 
 def _finish_reason(generation: Generation) -> str:
@@ -491,30 +502,33 @@ class Keys:
 
 
 class Admission:
-    """At most `max_queue` requests wait for generation beside the one generating; more get a 503 with
-    Retry-After. Used on the event loop only, so a plain counter is enough."""
+    """At most `max_queue` requests wait for a generation slot beside the `max_batch` generating; more get a 503
+    with Retry-After. A request counts from its admission to its answer, one place per prompt: those beyond
+    `max_batch` are the ones waiting, whether still before the engine or in its queue (`Engine.waiting`). Used
+    on the event loop only, so a plain counter is enough."""
 
-    def __init__(self, max_queue: int):
-        self.max_queue, self.in_flight = max_queue, 0
+    def __init__(self, max_queue: int, max_batch: int = 1):
+        self.max_queue, self.max_batch, self.in_flight = max_queue, max_batch, 0
 
-    def enter(self) -> Callable[[], None]:
-        """Take a place, or raise the 503; returns the function that gives the place back (once)."""
-        if self.in_flight > self.max_queue:
+    def enter(self, places: int = 1) -> Callable[[], None]:
+        """Take `places` (one per prompt), or raise the 503; returns the function that gives them back (once)."""
+        waiting = max(0, self.in_flight - self.max_batch)
+        if self.in_flight >= self.max_batch and waiting >= self.max_queue:
             raise APIError(
                 503,
-                f"The server is busy: {self.in_flight - 1} requests are already waiting for generation "
+                f"The server is busy: {waiting} requests are already waiting for generation "
                 f"(serve.max_queue is {self.max_queue}). Retry after the time in the Retry-After header.",
                 "server_busy",
                 retry_after=1,
             )
-        self.in_flight += 1
+        self.in_flight += places
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.in_flight -= 1
+                self.in_flight -= places
 
         return release
 
@@ -607,58 +621,54 @@ def check_prompt_chars(loaded: LoadedVersion, conversations: list[list[dict[str,
             )
 
 
-def check_prompt_tokens(loaded: LoadedVersion, conversations: list[list[dict[str, str]]], settings) -> list[int]:
-    """The exact count, on the generation thread: prompt tokens of each conversation; over the limit is a 400."""
-    with loaded.lock:
-        counts = [prompt_token_count(loaded.tokenizer, c) for c in conversations]
-    for count in counts:
-        if count > settings.max_prompt_tokens:
+def check_prompt_tokens(loaded: LoadedVersion, conversations: list[list[dict[str, str]]], settings) -> list[list[int]]:
+    """Each conversation's prompt ids, rendered once (after the cheap `check_prompt_chars`): generation takes
+    these very ids. A prompt over the limit is a 400. On the event loop, as every use of the tokenizer."""
+    prompts = [prompt_ids(loaded.tokenizer, c) for c in conversations]
+    for ids in prompts:
+        if len(ids) > settings.max_prompt_tokens:
             raise APIError(
                 400,
-                f"The prompt is {count} tokens, over this server's limit of {settings.max_prompt_tokens} "
+                f"The prompt is {len(ids)} tokens, over this server's limit of {settings.max_prompt_tokens} "
                 "(serve.max_prompt_tokens). Shorten it.",
                 param="messages",
             )
-    return counts
+    return prompts
 
 
-def generate_answers(
-    loaded: LoadedVersion,
-    conversations: list[list[dict[str, str]]],
-    max_new_tokens: int,
-    settings: ServeParams,
-    gone: threading.Event,
-) -> tuple[list[Generation], dict[str, int]]:
-    """Answers and usage, on the generation thread. A client that went away before its turn costs nothing; one
-    conversation's generation stops at the next token once `gone` is set (a batch of several runs to its end)."""
-    if gone.is_set():
-        raise _ClientGone
-    counts = check_prompt_tokens(loaded, conversations, settings)
+async def whole_answer(engine: Engine, ids: list[int], max_new_tokens: int) -> Generation:
+    """The engine's answer to one prompt. Cancelling the task that awaits it cancels the request in the engine
+    and frees its slot (`aclosing` closes the generation at once, not when it is collected)."""
+    async with aclosing(engine.generate(ids, max_new_tokens)) as pieces:
+        async for item in pieces:
+            if isinstance(item, Generation):
+                return item
+    raise LLMOpsError("The engine's generation ended without an answer.")
 
-    def check(_piece: str) -> None:
-        if gone.is_set():
-            raise _ClientGone
 
-    with loaded.lock:
-        on_text = check if len(conversations) == 1 else None
-        generations = reply(loaded.model, loaded.tokenizer, conversations, max_new_tokens, on_text=on_text)
-        completion = [len(loaded.tokenizer(g.text, add_special_tokens=False)["input_ids"]) for g in generations]
-    usage = {"prompt_tokens": sum(counts), "completion_tokens": sum(completion)}
-    return generations, {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+def usage_of(loaded: LoadedVersion, prompts: list[list[int]], generations: list[Generation]) -> dict[str, int]:
+    completion = [len(loaded.tokenizer(g.text, add_special_tokens=False)["input_ids"]) for g in generations]
+    usage = {"prompt_tokens": sum(len(ids) for ids in prompts), "completion_tokens": sum(completion)}
+    return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
 
 class _HeldStream(StreamingResponse):
-    """A streamed answer that gives its admission place back however it ends (done, failed, or cut off)."""
+    """A streamed answer that gives its admission place and its version back however it ends (done, failed,
+    or cut off)."""
 
-    def __init__(self, content, release: Callable[[], None]):
+    def __init__(self, content, release: Callable[[], None], pieces: AsyncIterator | None = None):
         super().__init__(content, media_type="text/event-stream")
-        self.release = release
+        self.release, self.pieces = release, pieces
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.release()
+            try:
+                if self.pieces is not None:  # a stream cut off between pieces: its engine request ends now
+                    await self.pieces.aclose()
+            finally:
+                self.release()
 
 
 # --- The HTTP API: handlers ----------------------------------------------------------------------------------
@@ -666,9 +676,9 @@ class _HeldStream(StreamingResponse):
 
 @dataclass
 class Server:
-    """What the handlers share: the champion, the limits, the keys, the traffic log, and the one generation
-    thread. All generation runs on that thread: a new thread calling torch starts its own OpenMP pool, and idle
-    pools spinning on the same cores made requests several times slower than plain generate."""
+    """What the handlers share: the champion, the limits, the keys, the traffic log, and the event loop that
+    serves. Generation runs in each version's engine (`Server.engine`); everything else that touches the model's
+    tokenizer (rendering a prompt, counting an answer's tokens) runs on that loop, so one thread uses it."""
 
     follower: ChampionFollower
     settings: ServeParams
@@ -676,12 +686,13 @@ class Server:
     traffic: TrafficLog | None
     admission: Admission = field(init=False)
     feedback_rate: RateLimit = field(init=False)
-    generation_thread: ThreadPoolExecutor = field(init=False)
+    loop: asyncio.AbstractEventLoop | None = None  # set as the app starts (its lifespan)
+    close_seconds: float = 300.0  # a retired engine's requests get this long to finish before they are cancelled
+    retired: list[LoadedVersion] = field(default_factory=list)  # versions whose engine is still to close
 
     def __post_init__(self) -> None:
-        self.admission = Admission(self.settings.max_queue)
+        self.admission = Admission(self.settings.max_queue, self.settings.max_batch)
         self.feedback_rate = RateLimit(self.settings.feedback_per_minute)
-        self.generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
     def serving(self) -> LoadedVersion:
         current = self.follower.current  # held for the whole request: a switch meanwhile does not affect it
@@ -689,6 +700,60 @@ class Server:
             name = self.follower.registry.model_name
             raise APIError(503, f"No champion of {name} is loaded yet; see /health.", "unavailable", retry_after=5)
         return current
+
+    def engine(self, loaded: LoadedVersion) -> Engine:
+        """The version's engine, made on first use, on this (the serving) loop: its queues and slots live there."""
+        if loaded.engine is None:
+            loaded.engine = Engine(
+                loaded.model,
+                loaded.tokenizer,
+                max_batch=self.settings.max_batch,
+                max_tokens=self.settings.max_prompt_tokens + self.settings.max_tokens,
+            )
+            log.info("%s: generating up to %d requests together", loaded.name, self.settings.max_batch)
+        return loaded.engine
+
+    def hold(self, loaded: LoadedVersion) -> Callable[[], None]:
+        """Count a request on `loaded` until the returned function is called (once): a retired version's engine
+        closes when the last request holding it lets go."""
+        loaded.requests += 1
+        held = True
+
+        def let_go() -> None:
+            nonlocal held
+            if held:
+                held = False
+                loaded.requests -= 1
+                if loaded.retired and loaded.requests == 0:
+                    asyncio.ensure_future(self.close_engine(loaded, 0))
+
+        return let_go
+
+    def retire_soon(self, previous: LoadedVersion) -> None:
+        """From the follower's thread, when the champion moved: retire `previous` on the serving loop."""
+        if self.loop is not None and not self.loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self.retire(previous), self.loop)
+
+    async def retire(self, previous: LoadedVersion) -> None:
+        """No new request takes `previous` (the follower already serves another); its engine closes once the
+        requests holding it are done, or after `close_seconds` (what is left then is cancelled)."""
+        previous.retired = True
+        self.retired.append(previous)
+        if previous.requests == 0:
+            await self.close_engine(previous, 0)
+            return
+        deadline = time.monotonic() + self.close_seconds
+        while previous.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await self.close_engine(previous, 0)
+
+    async def close_engine(self, loaded: LoadedVersion, timeout: float | None) -> None:
+        if loaded in self.retired:
+            self.retired.remove(loaded)
+        engine, loaded.engine = loaded.engine, None
+        if engine is not None and not engine.closed:
+            await engine.close(timeout)
+            log.info("%s: its engine is closed", loaded.name)
 
     def budget(self, body: Sampling) -> int:
         """New tokens to generate for `body`; rejects what this server does not do."""
@@ -703,9 +768,6 @@ class Server:
             )
         return asked or self.settings.default_max_tokens
 
-    async def on_generation_thread(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.generation_thread, fn, *args)
-
     async def record(self, answer_id: str, conversation, text: str, loaded: LoadedVersion, start: float, now) -> None:
         """Log one answer; redaction and the file write run on a worker thread, never on the event loop."""
         if self.traffic is not None:
@@ -717,24 +779,30 @@ class Server:
     async def answer(
         self, request: Request, loaded: LoadedVersion, conversations: list[list[dict[str, str]]], max_new_tokens: int
     ) -> tuple[list[Generation], dict[str, int]]:
-        """Generate, holding an admission place until the answer is done or the client has gone. A client that
-        goes is noticed within a tenth of a second: its generation stops and its place is given back at once."""
-        release = self.admission.enter()
-        gone = threading.Event()
-        job = asyncio.ensure_future(
-            self.on_generation_thread(generate_answers, loaded, conversations, max_new_tokens, self.settings, gone)
-        )
-        watch = asyncio.ensure_future(_watch_disconnect(request, gone))
+        """Generate, holding an admission place per prompt until the answers are done or the client has gone.
+        The prompts go to the engine together, so they share forward passes. A client that goes is noticed
+        within a tenth of a second: its requests are cancelled and their slots and places given back at once."""
+        release, let_go = self.admission.enter(len(conversations)), self.hold(loaded)
         try:
-            await asyncio.wait([job, watch], return_when=asyncio.FIRST_COMPLETED)
-            if not job.done():  # the client went away: the job ends at its next token, or as soon as it starts
-                job.add_done_callback(_quietly)
+            prompts = check_prompt_tokens(loaded, conversations, self.settings)
+            engine = self.engine(loaded)
+            job = asyncio.ensure_future(asyncio.gather(*(whole_answer(engine, i, max_new_tokens) for i in prompts)))
+            watch = asyncio.ensure_future(_watch_disconnect(request))
+            try:
+                await asyncio.wait([job, watch], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watch.cancel()
+                if not job.done():  # the client went away (or this handler was cancelled): stop its generation
+                    job.cancel()
+            if job.cancelled() or not job.done():
+                await asyncio.wait([job])  # its requests are cancelled in the engine, their slots free
                 log.info("the client went away; its generation stopped and its place was given back")
                 raise _ClientGone
-            return job.result()
+            generations = job.result()
+            return generations, usage_of(loaded, prompts, generations)
         finally:
-            watch.cancel()
             release()
+            let_go()
 
     async def stream(
         self,
@@ -748,64 +816,52 @@ class Server:
     ) -> StreamingResponse:
         """The answer streamed; it holds an admission place from before its prompt is counted (a 400 before the
         stream starts when too long) to the stream's end."""
-        release = self.admission.enter()
+        release, let_go = self.admission.enter(), self.hold(loaded)
         try:
-            await self.on_generation_thread(check_prompt_tokens, loaded, [conversation], self.settings)
+            [ids] = check_prompt_tokens(loaded, [conversation], self.settings)
+            engine = self.engine(loaded)
         except BaseException:
             release()
+            let_go()
             raise
-        pieces = self.streamed_answer(loaded, conversation, max_new_tokens, response_id, start, now)
-        return _HeldStream(_events(chunks(pieces)), release)
+        pieces = self.streamed_answer(engine, loaded, conversation, ids, max_new_tokens, response_id, start, now)
+
+        def done() -> None:
+            release()
+            let_go()
+
+        return _HeldStream(_events(chunks(pieces)), done, pieces)
 
     async def streamed_answer(
         self,
+        engine: Engine,
         loaded: LoadedVersion,
         conversation: list[dict[str, str]],
+        ids: list[int],
         max_new_tokens: int,
         response_id: str,
         start: float,
         now: datetime,
     ) -> AsyncIterator[str | Generation]:
-        """The answer to one conversation piece by piece as it is generated, then the whole `Generation`,
-        logged as a non-streamed answer is. Generation runs on the generation thread under the version's lock;
-        if the stream is dropped (its client went away), it ends at its next piece and lets the lock go."""
-        loop, pieces, gone = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-
-        def send(piece: str) -> None:
-            if gone.is_set():
-                raise _ClientGone
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
-
-        def run() -> Generation | None:
-            try:
-                with loaded.lock:
-                    return reply(loaded.model, loaded.tokenizer, [conversation], max_new_tokens, on_text=send)[0]
-            except _ClientGone:
-                log.info("%s: the client went away mid-stream; its generation stopped there", response_id)
-                return None
-            finally:
-                loop.call_soon_threadsafe(pieces.put_nowait, None)  # queued after every piece: their end
-
-        job = loop.run_in_executor(self.generation_thread, run)
-        try:
-            while (piece := await pieces.get()) is not None:
+        """The answer to one conversation piece by piece as the engine generates it, then the whole
+        `Generation`, logged as a non-streamed answer is. If the stream is dropped (its client went away), the
+        request is cancelled in the engine and its slot freed."""
+        generation: Generation | None = None
+        async with aclosing(engine.generate(ids, max_new_tokens)) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, Generation):
+                    generation = piece
+                    break
                 yield piece
-            generation = await job
-        finally:
-            gone.set()
+        if generation is None:
+            raise LLMOpsError("The engine's generation ended without an answer.")
         await self.record(response_id, conversation, generation.text, loaded, start, now)
         yield generation
 
 
-async def _watch_disconnect(request: Request, gone: threading.Event) -> None:
+async def _watch_disconnect(request: Request) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(0.1)
-    gone.set()
-
-
-def _quietly(job: asyncio.Future) -> None:
-    if not job.cancelled() and isinstance(job.exception(), Exception) and not isinstance(job.exception(), _ClientGone):
-        log.warning("the generation of a request whose client went away failed: %r", job.exception())
 
 
 async def _events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
@@ -953,10 +1009,17 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         mask_server_logs(secrets)  # again: uvicorn configures its loggers as it starts
+        server.loop = asyncio.get_running_loop()
+        if follower.current is not None:
+            server.engine(follower.current)  # ready before the first request
+        follower.on_swap = server.retire_soon
         follower.start()
         yield
         follower.stop()
-        server.generation_thread.shutdown()
+        follower.on_swap = None
+        for loaded in [*server.retired, follower.current]:  # a stream still open gets 10 s, then is cut
+            if loaded is not None:
+                await server.close_engine(loaded, 10)
 
     hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
     app = FastAPI(title="llmops serve", lifespan=lifespan, **hidden)

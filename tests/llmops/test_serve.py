@@ -3,6 +3,7 @@ model, with versions registered by the project's own promote/rollback code."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,9 +25,11 @@ from fastapi.testclient import TestClient
 
 from llmops import tracking
 from llmops.config import load_params
-from llmops.serve import build
+from llmops.modeling import load_model, load_tokenizer
+from llmops.serve import build, reply
 from llmops.traffic import TrafficLog
 from tests.conftest import PROJECT, register, write_params
+from tests.llmops.test_engine import CONVERSATIONS
 
 CHAT = {"messages": [{"role": "user", "content": "What color is the tiger?"}], "max_tokens": 4}
 STORY = "Tell me a story about the sea and the sky."  # the tiny model answers it in many words, not one
@@ -53,6 +56,28 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def generation_held(app):
+    """Every generation slot of the champion's engine taken, as if `serve.max_batch` requests were generating:
+    requests admitted meanwhile wait in the engine (its private semaphore, taken on the server's own loop)."""
+    server = app.state.server
+    engine = server.follower.current.engine
+
+    async def take() -> None:
+        for _ in range(engine.max_batch):
+            await engine._slots.acquire()
+
+    def give_back() -> None:
+        for _ in range(engine.max_batch):
+            engine._slots.release()
+
+    asyncio.run_coroutine_threadsafe(take(), server.loop).result(timeout=30)
+    try:
+        yield engine
+    finally:
+        server.loop.call_soon_threadsafe(give_back)
 
 
 def broken_copy(model_dir: Path, folder: Path) -> Path:
@@ -92,24 +117,37 @@ def test_requests_never_fail_through_promotion_rollback_and_a_broken_version(tmp
             time.sleep(0.05)
         raise AssertionError(f"no answer from {model} within 60 s; /health: {follower.health()}")
 
+    def closed_once_free(version) -> None:
+        """A replaced version's engine is closed (its requests done): nothing of it keeps running."""
+        deadline = time.monotonic() + 60
+        while version.engine is not None:
+            assert time.monotonic() < deadline, f"the engine of {version.name} was never closed"
+            time.sleep(0.05)
+        assert version.retired and version.requests == 0
+
     with running(app) as url:
-        clients = [threading.Thread(target=stream, args=(url,)) for _ in range(2)]
+        # More clients than one: requests run batched in the engine while the versions swap under them
+        clients = [threading.Thread(target=stream, args=(url,)) for _ in range(4)]
         for client in clients:
             client.start()
         try:
             time.sleep(0.5)
+            first = follower.current
             assert register(params, assets / "model") == "2"  # the alias moves at its very end
             promoted_at = time.monotonic()
             switch = first_answer_from("llmops-demo/2", promoted_at)
             # An answer arrives one request after the swap: allow the poll, the load and the longest request.
             limit = params.serve.poll_seconds + follower.current.load_seconds + max(latencies) + 0.5
             assert switch <= limit, (switch, follower.health(), max(latencies))
+            closed_once_free(first)
 
+            second = follower.current
             rolled_back_at = time.monotonic()
             tracking.rollback(params.tracking, params.registry, "test rollback")
             switch_back = first_answer_from("llmops-demo/1", rolled_back_at)
             limit = params.serve.poll_seconds + follower.current.load_seconds + max(latencies) + 0.5
             assert switch_back <= limit, (switch_back, follower.health(), max(latencies))
+            closed_once_free(second)
 
             assert register(params, broken_copy(assets / "model", tmp_path / "broken")) == "3"
             deadline = time.monotonic() + 30
@@ -144,12 +182,14 @@ def shared_registry(tmp_path_factory, assets):
 def served(tmp_path, assets, shared_registry):
     """A TestClient on the app over the shared champion, with its own traffic folder; returns (client, params)."""
 
-    def make(api_key: str | None = None, reviewer_key: str | None = None, **serve):
-        params = serve_params(tmp_path, assets, **serve).model_copy(update={"tracking": shared_registry})
-        app, _ = build(params, api_key, reviewer_key)
-        return TestClient(app), params
+    with ExitStack() as started:  # each client runs the app's lifespan: its engine starts and is closed
 
-    return make
+        def make(api_key: str | None = None, reviewer_key: str | None = None, **serve):
+            params = serve_params(tmp_path, assets, **serve).model_copy(update={"tracking": shared_registry})
+            app, _ = build(params, api_key, reviewer_key)
+            return started.enter_context(TestClient(app)), params
+
+        yield make
 
 
 def test_chat_and_completions_speak_openai_and_name_the_version(served):
@@ -317,10 +357,13 @@ def test_completions_stream_one_prompt(served):
     assert several.status_code == 400 and "stream with one prompt" in several.json()["error"]["message"]
 
 
-def test_a_dropped_stream_lets_the_version_go(tmp_path, assets, shared_registry):
-    params = serve_params(tmp_path, assets).model_copy(update={"tracking": shared_registry})
+def test_a_dropped_stream_frees_its_slot_for_the_next_request(tmp_path, assets, shared_registry):
+    # One slot and no queue: the next request is answered only if the dropped stream gave its slot back
+    params = serve_params(tmp_path, assets, max_batch=1, max_queue=0).model_copy(update={"tracking": shared_registry})
     app, follower = build(params, api_key=None)
+    admission = app.state.server.admission
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        engine = follower.current.engine
         request = {
             "messages": [{"role": "user", "content": STORY}],
             "max_tokens": params.serve.max_tokens,
@@ -329,10 +372,42 @@ def test_a_dropped_stream_lets_the_version_go(tmp_path, assets, shared_registry)
         with client.stream("POST", "/v1/chat/completions", json=request) as response:
             first = json.loads(next(response.iter_lines()).removeprefix("data: "))
             assert first["choices"][0]["delta"] == {"role": "assistant"}
-        # The client hung up mid-stream: generation ends (or finishes) and lets go of the version's lock.
-        assert follower.current.lock.acquire(timeout=30)
-        follower.current.lock.release()
-        assert client.post("/v1/chat/completions", json=CHAT).json()["model"] == "llmops-demo/1"
+        # The client hung up mid-stream: its request ends in the engine (cancelled, or finished) and lets go
+        deadline = time.monotonic() + 30
+        while engine.running or engine.waiting or admission.in_flight:
+            assert time.monotonic() < deadline, (engine.running, engine.waiting, admission.in_flight)
+            time.sleep(0.05)
+        answer = client.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 200 and answer.json()["model"] == "llmops-demo/1"
+
+
+def test_concurrent_greedy_answers_equal_one_at_a_time_answers(tmp_path, assets, shared_registry):
+    params = serve_params(tmp_path, assets, max_batch=4).model_copy(update={"tracking": shared_registry})
+    app, _ = build(params, api_key=None)
+    model, tokenizer = load_model(assets / "model"), load_tokenizer(assets / "model")
+    one_at_a_time = [reply(model, tokenizer, [c], max_new_tokens=24)[0].text for c in CONVERSATIONS]
+    prompts = [c[0]["content"] for c in CONVERSATIONS if len(c) == 1]
+    plain = [reply(model, tokenizer, [[{"role": "user", "content": p}]], 24)[0].text for p in prompts]
+    chats: dict[int, str] = {}
+    start = threading.Barrier(len(CONVERSATIONS))
+
+    def ask(url: str, index: int) -> None:
+        start.wait()
+        body = {"messages": CONVERSATIONS[index], "max_tokens": 24}
+        chats[index] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+
+    with running(app) as url:
+        # More requests than slots, sent together: they share forward passes, some wait and join as others end
+        askers = [threading.Thread(target=ask, args=(url, i)) for i in range(len(CONVERSATIONS))]
+        for asker in askers:
+            asker.start()
+        for asker in askers:
+            asker.join()
+        # The prompts of one completion request go to the engine together
+        several = httpx.post(f"{url}/v1/completions", json={"prompt": prompts, "max_tokens": 24}, timeout=120).json()
+    assert [chats[i]["choices"][0]["message"]["content"] for i in range(len(CONVERSATIONS))] == one_at_a_time
+    assert [c["text"] for c in several["choices"]] == plain
+    assert any(a != one_at_a_time[0] for a in one_at_a_time)  # different prompts, different answers
 
 
 def test_traffic_sampling_and_size_cap(served):
@@ -557,7 +632,7 @@ def test_a_megabyte_message_is_refused_while_health_answers(tmp_path, assets, sh
 
 
 def test_64_concurrent_clients_get_answers_or_bounded_503s(tmp_path, assets, shared_registry):
-    params = serve_params(tmp_path, assets, max_queue=1).model_copy(update={"tracking": shared_registry})
+    params = serve_params(tmp_path, assets, max_batch=1, max_queue=1).model_copy(update={"tracking": shared_registry})
     app, follower = build(params, api_key=None)
     results: list[tuple[int, str | None]] = []
     start = threading.Barrier(64)
@@ -569,17 +644,14 @@ def test_64_concurrent_clients_get_answers_or_bounded_503s(tmp_path, assets, sha
             results.append((response.status_code, response.headers.get("retry-after")))
 
     with running(app) as url:
-        follower.current.lock.acquire()  # generation waits: the first requests hold the places, the rest queue
-        try:
+        with generation_held(app):  # generation waits: the first requests hold the places, the rest are refused
             clients = [threading.Thread(target=client, args=(url,)) for _ in range(64)]
             for thread in clients:
                 thread.start()
             deadline = time.monotonic() + 120
-            while len(results) < 64 - 2:  # one generating + serve.max_queue waiting; the rest are refused now
+            while len(results) < 64 - 2:  # serve.max_batch generating + serve.max_queue waiting; the rest: 503 now
                 assert time.monotonic() < deadline, results
                 time.sleep(0.05)
-        finally:
-            follower.current.lock.release()
         for thread in clients:
             thread.join()
     statuses = [status for status, _ in results]
@@ -589,21 +661,18 @@ def test_64_concurrent_clients_get_answers_or_bounded_503s(tmp_path, assets, sha
 
 
 def test_a_client_that_goes_stops_its_generation_and_frees_its_place(tmp_path, assets, shared_registry, caplog):
-    params = serve_params(tmp_path, assets, max_queue=0).model_copy(update={"tracking": shared_registry})
+    params = serve_params(tmp_path, assets, max_batch=1, max_queue=0).model_copy(update={"tracking": shared_registry})
     app, follower = build(params, api_key=None)
     admission = app.state.server.admission
     caplog.set_level(logging.INFO, logger="llmops.serve")
     with running(app) as url:
-        follower.current.lock.acquire()  # its generation cannot start: the request waits for its turn
-        try:
+        with generation_held(app) as engine:  # its generation cannot start: the request waits for a slot
             with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
                 httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=httpx.Timeout(60, read=1.0))
             deadline = time.monotonic() + 30
-            while admission.in_flight:  # its place is given back while the generation thread is still busy
+            while admission.in_flight or engine.waiting:  # its place is given back while every slot is taken
                 assert time.monotonic() < deadline, "the place of a client that left was never given back"
                 time.sleep(0.05)
-        finally:
-            follower.current.lock.release()
         answer = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60)  # max_queue 0: needs that place
     assert answer.status_code == 200
     assert [row["id"] for row in traffic_rows(params)] == [answer.json()["id"]]  # the abandoned one never answered
