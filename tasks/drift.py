@@ -223,7 +223,7 @@ def champion_reference(dataset: dict[str, str], dvc_record: str | None) -> Path:
     if dvc_record and dataset.get("dvc_file"):
         [restored] = restore_files(dvc_record, Path(dataset["dvc_file"]), [train])
         return restored
-    if not train.is_file():
+    if not train.exists():  # a file, or a folder of them
         raise LLMOpsError(
             f"The champion's training data {train} is gone and was not versioned with DVC, so there is nothing "
             "to compare incoming data against. Retrain on DVC-tracked data (`llmops ingest`, `llmops run`)."
