@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 import uuid
 from base64 import b64encode
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -358,12 +359,14 @@ def test_the_loop_served_traffic_drifts_and_only_its_judged_rows_retrain_a_champ
         record("drift_event_to_retrain_created_seconds", EVENT_TO_RUN_SECONDS[-1])
         record("drift_retrain_run_seconds", drift_run.total_run_time.total_seconds())
 
-        # Trained on the judged traffic, and only on it: corrections as answers, liked answers as given.
+        # Trained on the judged traffic, and only on it: corrections as answers, liked answers as given, and
+        # the earlier assistant turns the client sent as context, never as targets.
         assert tracked_version(params.data.train)[1] != data_before
         added = read_conversations(params.data.train)[len(rows_before) :]
-        expected = {Conversation((*q.prompt, Turn("assistant", q.reference))) for q, _ in corrected}
+        context = {q: tuple(replace(t, train=t.role != "assistant") for t in q.prompt) for q, _ in served}
+        expected = {Conversation((*context[q], Turn("assistant", q.reference))) for q, _ in corrected}
         expected |= {
-            Conversation((*q.prompt, Turn("assistant", a["choices"][0]["message"]["content"]))) for q, a in liked
+            Conversation((*context[q], Turn("assistant", a["choices"][0]["message"]["content"]))) for q, a in liked
         }
         assert set(added) == expected
 
