@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="llmops-tests-prefect-")
@@ -161,3 +162,51 @@ def register(params: Params, model_dir: Path) -> str:
         reason="test",
     )
     return promote(params.registry, params.tracking, GateDecision(passed=True, checks=[]), model_dir, lineage).version
+
+
+def wait_until(condition, timeout: float, what: str, every: float = 1.0):
+    """The first truthy value of `condition()`, polled every `every` seconds; an AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def two_champions(tmp_path: Path) -> tuple[Path, Params]:
+    """A store where version 2 displaced version 1; returns its params file and params."""
+    from llmops import registry
+    from tasks.gate import GateDecision
+    from tasks.promote import Lineage, promote
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        f"tracking: {{uri: 'sqlite:///{tmp_path}/mlflow.db', artifact_location: '{tmp_path}/art'}}\n"
+        f"work_dir: {tmp_path / 'work'}\n"
+    )
+    params = load_params(params_file)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    client = registry.client_for(params.tracking)
+    # With workspaces, MLflow places artifacts itself (under the working folder here) and refuses a location.
+    workspaces = os.environ.get("MLFLOW_ENABLE_WORKSPACES") == "true"
+    location = None if workspaces else params.tracking.artifact_location
+    experiment = client.create_experiment("quick", artifact_location=location)
+    for number in (1, 2):
+        run_id = client.create_run(experiment).info.run_id
+        client.log_dict(run_id, {"finetune": {"epochs": number}}, "params.json")
+        client.log_metric(run_id, "evaluate.candidate.exact_match", 0.5 + number / 10)
+        lineage = Lineage(
+            dataset_hash="d",
+            git_commit=f"c{number}",
+            params_hash="p",
+            prefect_flow_run_id="f",
+            mlflow_run_id=run_id,
+            reason="test",
+        )
+        (model / "weights.bin").write_text(str(number))  # two different models
+        promote(params.registry, params.tracking, GateDecision(passed=True, checks=[]), model, lineage)
+    return params_file, params

@@ -314,37 +314,9 @@ def test_status_lineage_and_help_answer_without_importing_ml_libraries(tmp_path)
     embedded store's quick reads give what MLflow itself answers."""
 
     from llmops import registry, tracking
-    from llmops.config import load_params
-    from tasks.gate import GateDecision
-    from tasks.promote import Lineage, promote
-    from tests.conftest import PROJECT
+    from tests.conftest import two_champions
 
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(
-        f"tracking: {{uri: 'sqlite:///{tmp_path}/mlflow.db', artifact_location: '{tmp_path}/art'}}\n"
-        f"work_dir: {tmp_path / 'work'}\n"
-    )
-    params = load_params(params_file)
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    client = tracking.client_for(params.tracking)
-    experiment = client.create_experiment("quick", artifact_location=params.tracking.artifact_location)
-    for number in (1, 2):
-        run_id = client.create_run(experiment).info.run_id
-        client.log_dict(run_id, {"finetune": {"epochs": number}}, "params.json")
-        client.log_metric(run_id, "evaluate.candidate.exact_match", 0.5 + number / 10)
-        lineage = Lineage(
-            dataset_hash="d",
-            git_commit=f"c{number}",
-            params_hash="p",
-            prefect_flow_run_id="f",
-            mlflow_run_id=run_id,
-            reason="test",
-        )
-        (model / "weights.bin").write_text(str(number))  # two different models
-        promote(params.registry, params.tracking, GateDecision(passed=True, checks=[]), model, lineage)
-
+    params_file, params = two_champions(tmp_path)
     assert registry.describe_champion(params.tracking, params.registry) == registry.describe_champion(
         params.tracking, params.registry, quick=False
     )

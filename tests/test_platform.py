@@ -37,7 +37,7 @@ from llmops import tracking
 from llmops.config import load_params
 from llmops.data import Conversation, Turn, read_conversations, tracked_version
 from tasks.bootstrap import build_incoming_batch
-from tests.conftest import PROJECT, make_dvc_project
+from tests.conftest import PROJECT, make_dvc_project, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -102,16 +102,6 @@ def pid_alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and not stat.read_text().split(") ")[-1].startswith("Z")
-
-
-def wait_until(condition, timeout: float, what: str, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def retrain_runs(platform: Platform, reason: str | None = None) -> list:

@@ -12,43 +12,7 @@ import sys
 from pathlib import Path
 
 from llmops import registry
-from llmops.config import Params, load_params
-from tasks.gate import GateDecision
-from tasks.promote import Lineage, promote
-from tests.conftest import PROJECT
-
-
-def two_champions(tmp_path: Path) -> tuple[Path, Params]:
-    """A store where version 2 displaced version 1; returns its params file and params."""
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(
-        f"tracking: {{uri: 'sqlite:///{tmp_path}/mlflow.db', artifact_location: '{tmp_path}/art'}}\n"
-        f"work_dir: {tmp_path / 'work'}\n"
-    )
-    params = load_params(params_file)
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    client = registry.client_for(params.tracking)
-    # With workspaces, MLflow places artifacts itself (under the working folder here) and refuses a location.
-    workspaces = os.environ.get("MLFLOW_ENABLE_WORKSPACES") == "true"
-    location = None if workspaces else params.tracking.artifact_location
-    experiment = client.create_experiment("quick", artifact_location=location)
-    for number in (1, 2):
-        run_id = client.create_run(experiment).info.run_id
-        client.log_dict(run_id, {"finetune": {"epochs": number}}, "params.json")
-        client.log_metric(run_id, "evaluate.candidate.exact_match", 0.5 + number / 10)
-        lineage = Lineage(
-            dataset_hash="d",
-            git_commit=f"c{number}",
-            params_hash="p",
-            prefect_flow_run_id="f",
-            mlflow_run_id=run_id,
-            reason="test",
-        )
-        (model / "weights.bin").write_text(str(number))  # two different models
-        promote(params.registry, params.tracking, GateDecision(passed=True, checks=[]), model, lineage)
-    return params_file, params
+from tests.conftest import PROJECT, two_champions
 
 
 def status_json(params_file: Path, env: dict[str, str]) -> dict:

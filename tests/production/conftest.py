@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -94,16 +93,6 @@ def fresh_databases(*names: str):
                 cursor.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
                 cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
                 cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
-
-
-def wait_until(condition, timeout: float, what: str, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @dataclass

@@ -33,8 +33,8 @@ from prefect.exceptions import PrefectHTTPStatusError
 from flows.monitor import DRIFT_EVENT, dataset_resource
 from llmops import registry
 from llmops.training import newest_complete_checkpoint
-from tests.conftest import register
-from tests.production.conftest import Production, free_port, postgres_admin, wait_until
+from tests.conftest import register, wait_until
+from tests.production.conftest import Production, free_port, postgres_admin
 
 pytestmark = pytest.mark.slow
 
