@@ -376,7 +376,7 @@ def serve_figures(demo) -> list[Figure]:
 
     from llmops import tracking
     from llmops.config import load_params
-    from llmops.serve import build
+    from llmops.serving.app import build
     from tasks.gate import GateDecision
     from tasks.promote import Lineage, promote
 

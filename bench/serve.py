@@ -1,7 +1,7 @@
-"""Concurrent generation on the real SmolLM2-135M-Instruct: the batching engine (`llmops.engine.Engine`) with 8
-clients against 1, the same through `llmops serve`'s HTTP app (uvicorn, JSON chat completions, the engine
-behind them), and the one-at-a-time path the server used before the engine (`llmops.serve.reply` on one worker
-thread, as `llmops serve` ran it under the version's lock) with the same clients and prompts.
+"""Concurrent generation on the real SmolLM2-135M-Instruct: the batching engine (`llmops.serving.engine.Engine`)
+with 8 clients against 1, the same through `llmops serve`'s HTTP app (uvicorn, JSON chat completions, the engine
+behind them), and the one-at-a-time path the server used before the engine (`llmops.serving.generation.reply`
+on one worker thread, as `llmops serve` ran it under the version's lock) with the same clients and prompts.
 
 `python bench/serve.py` prints the figures; `bench/run.py --only engine` records them. Each client sends its
 requests one after another (a closed loop), so 8 clients keep up to 8 requests in flight.
@@ -22,9 +22,9 @@ sys.path.insert(0, str(PROJECT))
 
 from llmops.chat import render_prompt  # noqa: E402
 from llmops.data import Turn  # noqa: E402
-from llmops.engine import Engine  # noqa: E402
 from llmops.modeling import Generation, load_model, load_tokenizer  # noqa: E402
-from llmops.serve import reply  # noqa: E402
+from llmops.serving.engine import Engine  # noqa: E402
+from llmops.serving.generation import reply  # noqa: E402
 
 REAL_MODEL = PROJECT / "models" / "smollm2-135m-instruct"
 QUESTIONS = [
@@ -76,13 +76,14 @@ def _engine_run(model, tokenizer, clients: int, per_client: int, new_tokens: int
 
 
 def _http_run(model, tokenizer, clients: int, per_client: int, new_tokens: int) -> tuple[float, list[float], int]:
-    """The same through the HTTP app (`llmops.serve.create_app`, serve.max_batch = `clients`) on a real uvicorn
+    """The same through the HTTP app (`llmops.serving.app.create_app`, serve.max_batch = `clients`) on a real uvicorn
     server in this process, each client on its own thread with its own connection."""
     import httpx
     import uvicorn
 
     from llmops.config import Params, ServeParams
-    from llmops.serve import ChampionFollower, LoadedVersion, create_app
+    from llmops.serving.app import create_app
+    from llmops.serving.follower import ChampionFollower, LoadedVersion
 
     params = Params()
     follower = ChampionFollower(params.tracking, params.registry, PROJECT / "work" / "bench-serve", 3600)
@@ -182,7 +183,7 @@ def concurrency_figures(clients: int = 8, per_client: int = 1, new_tokens: int =
     )
     rows = []
     labels = (
-        ("engine", "llmops.engine.Engine"),
+        ("engine", "llmops.serving.engine.Engine"),
         ("http", "llmops serve's HTTP app (chat completions through the engine)"),
         ("reply", "one at a time (reply() on one thread)"),
     )

@@ -22,7 +22,7 @@ from llmops.config import DEFAULT_PARAMS, load_params
 from llmops.data import batch_files
 from llmops.errors import LLMOpsError
 from llmops.orchestration import stage
-from llmops.traffic import served_prompts, traffic_log
+from llmops.serving.traffic_log import served_prompts, traffic_log
 from tasks.drift import (
     DriftReport,
     already_fired,

@@ -468,13 +468,13 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from llmops.serve import serve
+    from llmops.serving.app import serve
 
     params = load_params(args.params)
     api_key = os.environ.get("LLMOPS_SERVE_API_KEY") or None
     host = args.host or params.serve.host
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger("llmops.serve").warning(
+        logging.getLogger("llmops.serving.app").warning(
             "serving on %s without an API key: anyone who can reach it may query the model "
             "(set LLMOPS_SERVE_API_KEY to require `Authorization: Bearer <key>`)",
             host,

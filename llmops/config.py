@@ -373,7 +373,8 @@ class MonitorParams(Section):
 
 
 class LoopParams(Section):
-    """What served traffic may teach the model (`llmops.traffic.judged_traffic`, folded in by `tasks/ingest.py`).
+    """What served traffic may teach the model (`llmops.serving.traffic_log.judged_traffic`, folded in by
+    `tasks/ingest.py`).
 
     Only text the server generated or a reviewer wrote ever becomes a training target; what the client sent is
     context, never a target."""
@@ -469,8 +470,9 @@ class ServeParams(Section):
     max_batch: int = Field(
         8,
         ge=1,
-        description="Requests generated together, sharing each forward pass (continuous batching, llmops.engine); "
-        "more wait for a slot. Its KV cache holds max_batch requests of max_prompt_tokens + max_tokens tokens.",
+        description="Requests generated together, sharing each forward pass (continuous batching, "
+        "llmops.serving.engine); more wait for a slot. Its KV cache holds max_batch requests of max_prompt_tokens + "
+        "max_tokens tokens.",
     )
     max_queue: int = Field(
         16,

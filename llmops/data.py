@@ -455,7 +455,7 @@ class DatasetRef(BaseModel, frozen=True):
         }
 
 
-# The hourly files of the served-traffic log (`llmops.traffic`): never a batch, since only judged exchanges
+# The hourly files of the served-traffic log (`llmops.serving.traffic_log`): never a batch, since only judged exchanges
 # may train.
 TRAFFIC_FILES, FEEDBACK_FILES = "traffic-????-??-??T??.jsonl", "feedback-????-??-??T??.jsonl"
 

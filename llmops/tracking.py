@@ -1,4 +1,4 @@
-"""MLflow: one run per retrain, and registering its model as a new version.
+"""MLflow: one run per retrain, and registering its model (packaged by `llmops.packaging`) as a new version.
 
 The registered model itself (aliases, the champion's history, rollback, the lock that serializes writers, the
 quick answers) is `llmops.registry`; its names are re-exported here for the callers that know them as
@@ -194,31 +194,10 @@ def register_model(
 ) -> ModelVersion:
     """Log `model_dir` as an MLflow pyfunc model in `run_id` and register it as a new version.
 
-    The model class is `llmops.serve.TextGenerator`, and the `llmops` package ships with the model
-    (`code_paths`), so `mlflow models serve` runs it in a fresh environment without this project installed."""
-    import llmops
-    from llmops.serve import TextGenerator, model_signature
+    The model is packaged by `llmops.packaging` (`TextGenerator`, with the `llmops` package shipped beside it),
+    so `mlflow models serve` runs it in a fresh environment without this project installed."""
+    from llmops import packaging  # imported here: it loads torch and transformers, which only this call needs
 
     client_for(tracking)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=TextGenerator(),
-            artifacts={"model": str(model_dir)},
-            code_paths=[str(Path(llmops.__file__).parent)],
-            signature=model_signature(),
-            pip_requirements=_requirements(),
-        )
-    return mlflow.register_model(info.model_uri, registry.model_name, tags=tags)
-
-
-# What the shipped code imports to load and run a model (GPTQ checkpoints need optimum + gptqmodel).
-SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "optimum", "gptqmodel", "pyyaml")
-
-
-def _requirements() -> list[str]:
-    """Public releases only: never this project (its code ships with the model, and `llmops` on the package
-    index is someone else's), and no local version tag (`2.13.0+cpu` would force a CPU build on a GPU host)."""
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+    model_uri = packaging.log_model(run_id, model_dir)
+    return mlflow.register_model(model_uri, registry.model_name, tags=tags)

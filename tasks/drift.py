@@ -36,7 +36,7 @@ from llmops.devices import DeviceChoice, DtypeChoice, resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir
 from llmops.modeling import EVAL_MAX_SEQ_LEN, load_model, load_tokenizer, prompt_perplexity, response_perplexity
-from llmops.traffic import feedback_mark, served_prompts
+from llmops.serving.traffic_log import feedback_mark, served_prompts
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def _plot_lengths(reference: list[int], incoming: list[int], path: Path) -> Path
 
 def drift_fingerprint(champion_version: str, batch: Sequence[Path], traffic: Path | None) -> dict[str, str]:
     """What a drift event is fired for: the champion, the batch's files (names and contents) and the traffic
-    log's judged high-water mark (`llmops.traffic.feedback_mark`). A retrain that answers the event either
+    log's judged high-water mark (`llmops.serving.traffic_log.feedback_mark`). A retrain that answers the event either
     moves the champion (promoted) or not (rejected); only a new champion, a new batch or new judgments are
     worth another retrain: the same ones would make the same candidate."""
     listing = "".join(f"{f.name} {file_md5(f)}\n" for f in sorted(batch))

@@ -37,14 +37,14 @@ from llmops.data import (
 )
 from llmops.errors import LLMOpsError
 from llmops.modeling import load_tokenizer
-from llmops.traffic import considered_ids, judged_traffic, record_considered, traffic_log
+from llmops.serving.traffic_log import considered_ids, judged_traffic, record_considered, traffic_log
 from tasks.validate import FEATURES, DataReport, ExcessLength, InvalidData, SplitReport, check_split, clean
 
 log = logging.getLogger(__name__)
 
 
 class FoldedTraffic(BaseModel, frozen=True):
-    """What an ingest took from a served-traffic log (`llmops.traffic`), and why it left the rest."""
+    """What an ingest took from a served-traffic log (`llmops.serving.traffic_log`), and why it left the rest."""
 
     log: Path
     folded: int  # judged exchanges added: a reviewer's correction, or the server's answer rated up
@@ -152,11 +152,11 @@ def ingest_dataset(
     `ingested/<time>/` beside them, so a watched folder's batch is folded in once.
 
     A folder may hold a served-traffic log (`llmops serve` writes one under `monitor.incoming/traffic`): its
-    judged exchanges join too (`llmops.traffic.judged_traffic`, under the `loop` config: only a reviewer's
+    judged exchanges join too (`llmops.serving.traffic_log.judged_traffic`, under the `loop` config: only a reviewer's
     correction or the server's own answer is ever a target). Traffic is cleaned, then judged, row by row: a bad
     row is dropped and counted by reason, never failing the ingest; what the training set already holds is
     "already there"; at most `loop.max_traffic_share` of the training set is traffic, the newest beyond it
-    waiting. Each judged exchange is considered once: the ledger beside the log (`llmops.traffic.LEDGER`)
+    waiting. Each judged exchange is considered once: the ledger beside the log (`llmops.serving.traffic_log.LEDGER`)
     records what became of it, after the dataset is versioned. The log itself is never moved.
 
     The batch is cleaned and judged like a split. Its rows the training set already holds are skipped, not

@@ -1,4 +1,4 @@
-"""Traffic-log rows as `llmops serve` writes them (the format in the module docstring of `llmops.traffic`),
+"""Traffic-log rows as `llmops serve` writes them (the format in the module docstring of `llmops.serving.traffic_log`),
 written directly so the reader's tests do not depend on the writer."""
 
 from __future__ import annotations

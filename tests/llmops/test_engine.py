@@ -10,9 +10,9 @@ import pytest
 
 from llmops.chat import render_prompt
 from llmops.data import Turn
-from llmops.engine import Engine, EngineClosed
 from llmops.modeling import Generation, load_model, load_tokenizer
-from llmops.serve import reply
+from llmops.serving.engine import Engine, EngineClosed
+from llmops.serving.generation import reply
 from tests.test_real_model import REAL_MODEL
 
 # Prompts of different lengths: one word to several turns, so the batch mixes prefills and decodes of

@@ -26,8 +26,9 @@ from fastapi.testclient import TestClient
 from llmops import tracking
 from llmops.config import load_params
 from llmops.modeling import load_model, load_tokenizer
-from llmops.serve import build, reply
-from llmops.traffic import TrafficLog
+from llmops.serving.app import build
+from llmops.serving.generation import reply
+from llmops.serving.traffic_log import TrafficLog
 from tests.conftest import PROJECT, register, write_params
 from tests.llmops.test_engine import CONVERSATIONS
 
@@ -485,7 +486,7 @@ def test_registered_model_ships_its_code_and_pins_only_public_releases(tmp_path,
     assert {"torch", "transformers", "mlflow"} <= names
     mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
     assert {p["name"] for p in json.loads(mlmodel["signature"]["params"])} == {"max_new_tokens", "temperature"}
-    assert (folder / "code" / "llmops" / "serve.py").exists()
+    assert (folder / "code" / "llmops" / "packaging.py").exists()
 
     # Load it where the project is not importable: only the code shipped with the model can run it.
     run = subprocess.run(
@@ -499,6 +500,33 @@ def test_registered_model_ships_its_code_and_pins_only_public_releases(tmp_path,
     assert len(result["one"]) == 1 and result["one"] == result["http"]["inputs"] == result["http"]["records"]
     assert result["http"]["rows"] == result["strings"]  # the same two prompts, as rows
     assert "`prompt` string or chat `messages`" in result["refused"]  # an error that says what to send
+
+
+IMPORTED = """
+import json, sys
+import {module}
+print(json.dumps([name for name in {names!r} if name in sys.modules]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "absent"),
+    [
+        # The registry answers (the follower asks it for the champion) without the tracking module.
+        ("llmops.registry", ("llmops.tracking", "llmops.packaging", "llmops.serving.follower", "mlflow")),
+        # Packaging a version for MLflow needs neither the HTTP app nor tracking, which imports it to register.
+        ("llmops.packaging", ("llmops.tracking", "llmops.serving.app", "llmops.serving.follower")),
+        # The HTTP app needs neither the packaging nor tracking.
+        ("llmops.serving.app", ("llmops.packaging", "llmops.tracking")),
+        # The tasks that read the traffic log need no web framework and no model.
+        ("llmops.serving.traffic_log", ("llmops.serving.app", "fastapi", "torch", "transformers", "mlflow")),
+    ],
+)
+def test_serving_packaging_tracking_and_the_registry_import_in_one_direction(module, absent):
+    """No import circle: tracking imports the packaging to register a version, and nothing it imports comes back."""
+    code = IMPORTED.format(module=module, names=absent)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [], done.stdout
 
 
 def test_llmops_serve_answers_from_the_champion(tmp_path, assets):
@@ -664,7 +692,7 @@ def test_a_client_that_goes_stops_its_generation_and_frees_its_place(tmp_path, a
     params = serve_params(tmp_path, assets, max_batch=1, max_queue=0).model_copy(update={"tracking": shared_registry})
     app, follower = build(params, api_key=None)
     admission = app.state.server.admission
-    caplog.set_level(logging.INFO, logger="llmops.serve")
+    caplog.set_level(logging.INFO, logger="llmops.serving.app")
     with running(app) as url:
         with generation_held(app) as engine:  # its generation cannot start: the request waits for a slot
             with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
@@ -701,7 +729,7 @@ def test_health_and_the_log_never_show_a_credential(tmp_path, assets, monkeypatc
     assert health.status_code == 503 and "ops:***@127.0.0.1" in health.json()["registry_error"]
     assert "hunter2pw" not in health.text
     # Whatever the server logs is masked too: a URI with a password, a bearer token, the server's own key
-    logging.getLogger("llmops.serve").warning(
+    logging.getLogger("llmops.serving.app").warning(
         "retrying %s with %s (key %s)", "postgresql://u:pw9@db/x", "Bearer tok3n-abc", "s3rve"
     )
     lines = [record.getMessage() for record in caplog.records]

@@ -7,7 +7,7 @@ import pytest
 from llmops.config import LoopParams, MonitorParams
 from llmops.data import Conversation, Turn, batch_files
 from llmops.errors import LLMOpsError
-from llmops.traffic import (
+from llmops.serving.traffic_log import (
     TrafficLog,
     considered_ids,
     judged_traffic,

@@ -77,7 +77,7 @@ def serve_batch(folder, batch, version: str = "1"):
     """A traffic log in which `version` was asked the batch's questions (and answered anything)."""
     from datetime import UTC, datetime
 
-    from llmops.traffic import TrafficLog
+    from llmops.serving.traffic_log import TrafficLog
 
     log = TrafficLog(folder, sample_rate=1.0, max_bytes=10_000_000)
     for conversation in read_conversations(batch):

@@ -5,7 +5,7 @@ import pytest
 from llmops.config import LoopParams, load_params
 from llmops.data import Conversation, read_conversations, split_files, split_md5, tracked_version
 from llmops.errors import LLMOpsError
-from llmops.traffic import considered_ids
+from llmops.serving.traffic_log import considered_ids
 from tasks.ingest import ingest_dataset
 from tasks.validate import InvalidData
 from tests.conftest import make_dvc_project, write_params
