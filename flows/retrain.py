@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from llmops import tracking
 from llmops.config import DEFAULT_PARAMS, load_params
-from llmops.data import DatasetRef
+from llmops.data import DatasetRef, traffic_eval_split
 from llmops.orchestration import cached_stage, stage
 from tasks.evaluate import ModelScores, evaluate_models
 from tasks.finetune import finetune, training_crashed
@@ -134,6 +134,10 @@ def retrain(
             run.log_file(data.dvc_file, "dataset.dvc")  # with it, `dvc pull` restores this exact data
         for split in (data.train, data.eval):  # the exact rows that trained and evaluated
             run.log_file(split, f"data_cleaned/{split.name}")
+        traffic_eval = traffic_eval_split(params.data.train)  # judged traffic held out (loop.eval_share)
+        traffic_eval = traffic_eval if traffic_eval.is_file() else None
+        if traffic_eval:
+            run.log_file(traffic_eval, f"data_cleaned/{traffic_eval.name}")
         adapter = run.stage(
             "finetune",
             finetune_task,
@@ -205,8 +209,11 @@ def retrain(
                 out=run_dir / "evaluate",
                 device=params.model.device,
                 dtype=params.model.dtype,
+                traffic_eval=traffic_eval,
             )
-            decision = run.stage("gate", gate_task, params.gate, report, deployable)
+            # A run that learnt from new judged traffic must answer the held-out traffic better than the champion.
+            new_traffic = bool(ingest and ingest.traffic and ingest.traffic.folded)
+            decision = run.stage("gate", gate_task, params.gate, report, deployable, new_traffic=new_traffic)
             run.log_text(decision.to_markdown(), "gate_report.md")
             create_markdown_artifact(decision.to_markdown(), key="gate-report", description="Promotion gate")
             lineage = Lineage(

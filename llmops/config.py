@@ -311,6 +311,13 @@ class GateParams(Section):
     max_perplexity_increase: float = Field(
         0.05, ge=0, description="Largest relative perplexity increase vs champion (0.05 = 5%)."
     )
+    vs_champion_on_traffic: list[Metric] = Field(
+        default_factory=lambda: ["perplexity", "rouge_l"],
+        description="Metrics compared with the champion on the traffic eval split (judged traffic held out by "
+        "loop.eval_share), with the margins above. A run that folded in new judged traffic (a drift retrain) must "
+        "also answer that traffic better: beyond the margin on at least one of them. No champion or no traffic "
+        "eval rows: not checked, and the report says so.",
+    )
     max_quantization_ppl_ratio: float = Field(
         1.10, ge=1, description="Largest perplexity ratio of the quantized model to the merged one."
     )
@@ -397,6 +404,15 @@ class LoopParams(Section):
         description="Largest share of the training set that folded-in traffic may make up (1 = no cap). The "
         "newest judged exchanges beyond it wait for the next retrain. 0.2 keeps the curated data the majority, so "
         "a burst of judged traffic cannot swamp what the model learnt, while drifted traffic still moves it.",
+    )
+    eval_share: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="Share of the judged exchanges held out as the traffic eval split (`traffic-eval.jsonl` beside "
+        "the training split, versioned with it), chosen by a hash of the prompt: the same question always lands on "
+        "the same side, and a held-out exchange never trains. The gate compares candidate and champion on it "
+        "(gate.vs_champion_on_traffic). 0 holds nothing out.",
     )
 
 

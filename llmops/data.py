@@ -460,6 +460,16 @@ class DatasetRef(BaseModel, frozen=True):
 TRAFFIC_FILES, FEEDBACK_FILES = "traffic-????-??-??T??.jsonl", "feedback-????-??-??T??.jsonl"
 
 
+# Judged traffic held out for evaluation (`loop.eval_share`): a file beside the training split, in the folder DVC
+# versions with it. It never trains; the gate compares candidate and champion on it.
+TRAFFIC_EVAL_FILE = "traffic-eval.jsonl"
+
+
+def traffic_eval_split(train: Path) -> Path:
+    """Where the traffic eval split of the training split `train` (a file or a folder) lives."""
+    return train.parent / TRAFFIC_EVAL_FILE
+
+
 def batch_files(path: Path) -> list[Path]:
     """An incoming batch: the JSONL file itself, or the `*.jsonl` files directly inside a folder (sorted),
     leaving out a served-traffic log's files."""

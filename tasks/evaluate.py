@@ -1,4 +1,5 @@
-"""Score the deployable candidate, the base model and the current champion on the held-out eval split.
+"""Score the deployable candidate, the base model and the current champion on the held-out eval split, and
+the candidate and the champion on the traffic eval split (judged traffic held out by `loop.eval_share`).
 
 In every eval conversation the last assistant turn is the reference and everything before it the prompt.
 """
@@ -44,11 +45,20 @@ class ModelScores(BaseModel, frozen=True):
     samples: list[Sample]
 
 
+class TrafficScores(BaseModel, frozen=True):
+    """The candidate and the champion on the traffic eval split: how each answers what users asked lately."""
+
+    split: Path
+    candidate: ModelScores
+    champion: ModelScores | None
+
+
 class EvalReport(BaseModel, frozen=True):
     candidate: ModelScores
     base: ModelScores
     champion: ModelScores | None
     report_file: Path
+    traffic: TrafficScores | None = None  # when the dataset has a traffic eval split with rows
 
 
 def _standard_error(values: list[float]) -> float:
@@ -108,10 +118,13 @@ def evaluate_models(
     out: Path,
     device: DeviceChoice = "auto",
     dtype: DtypeChoice = "auto",
+    traffic_eval: Path | None = None,
 ) -> EvalReport:
-    """Score each model on the same eval rows, on the device policy's device and type, and write the JSON
-    report to `out`."""
+    """Score each model on the same eval rows, and the candidate and the champion on the rows of
+    `traffic_eval` (the traffic eval split, when there is one), on the device policy's device and type, and
+    write the JSON report to `out`."""
     examples = read_conversations(data.eval)[: params.max_samples]
+    served = read_conversations(traffic_eval)[: params.max_samples] if traffic_eval else []
     placement = resolve_placement(device, dtype)
     log.info("evaluating on %s", placement)
     scores = {
@@ -119,19 +132,25 @@ def evaluate_models(
         "base": score_model(params, base_model, examples, data.chat_template, placement),
         "champion": score_model(params, champion, examples, placement=placement) if champion else None,
     }
-    for name, score in scores.items():
-        if score:
-            log.info(
-                "%s: exact match %.3f, ROUGE-L %.3f, perplexity %.3f",
-                name,
-                score.exact_match,
-                score.rouge_l,
-                score.perplexity,
-            )
+    traffic = None
+    if served:
+        traffic = TrafficScores(
+            split=traffic_eval,
+            candidate=score_model(params, candidate, served, placement=placement),
+            champion=score_model(params, champion, served, placement=placement) if champion else None,
+        )
+    shown = dict(scores)
+    if traffic:
+        shown |= {"candidate on traffic": traffic.candidate, "champion on traffic": traffic.champion}
+    for name, m in shown.items():
+        if m:
+            log.info("%s: exact match %.3f, ROUGE-L %.3f, ppl %.3f", name, m.exact_match, m.rouge_l, m.perplexity)
+    report = {k: v.model_dump(mode="json") if v else None for k, v in scores.items()}
+    report["traffic"] = traffic.model_dump(mode="json") if traffic else None
     with atomic_dir(out) as tmp:
-        write_json(tmp / "eval_report.json", {k: v.model_dump(mode="json") if v else None for k, v in scores.items()})
+        write_json(tmp / "eval_report.json", report)
         write_stage_metadata(tmp, "evaluate", params, dataset=data.model_dump(mode="json"))
-    return EvalReport(**scores, report_file=out / "eval_report.json")
+    return EvalReport(**scores, report_file=out / "eval_report.json", traffic=traffic)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The promotion decision: absolute floors, better than base, no regression against the champion beyond a
-noise-aware margin, and bounded quantization loss, on the metrics `gate:` in params.yaml names. One check,
-one reason; all must pass."""
+noise-aware margin (on the eval split, and on the traffic eval split), better than the champion on the
+traffic a drift retrain learnt from, and bounded quantization loss, on the metrics `gate:` in params.yaml
+names. One check, one reason; all must pass."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 from pydantic import BaseModel
 
 from llmops.config import LOWER_IS_BETTER, GateParams
-from tasks.evaluate import EvalReport, ModelScores
+from tasks.evaluate import EvalReport, ModelScores, TrafficScores
 from tasks.quantize import QuantizeResult
 
 
@@ -27,6 +28,7 @@ class GateDecision(BaseModel, frozen=True):
     checks: list[Check]
     quantization_method: str = ""  # the candidate's, as the quantize stage reports it
     full_precision_layers: list[str] = []  # block layers GPTQ could not pack, left unquantized (relative names)
+    traffic: str = ""  # what the traffic eval split showed, or why it was not compared
 
     @property
     def reasons(self) -> list[str]:
@@ -46,6 +48,8 @@ class GateDecision(BaseModel, frozen=True):
                 f"| {c.name} | {c.candidate:.4f} | {reference} | {c.threshold} | {'pass' if c.passed else 'FAIL'} |"
             )
         lines += ["", *[f"- {c.reason}" for c in self.checks]]
+        if self.traffic:
+            lines += ["", f"Traffic eval split: {self.traffic}"]
         if self.quantization_method == "none":
             lines += ["", "Not quantized (`quantize.method: none`): the merged model is deployed in full precision."]
         elif self.full_precision_layers:
@@ -97,11 +101,17 @@ def _beats_base(metric: str, value: float, base: float) -> Check:
     )
 
 
+def _margin(params: GateParams, value_se: float, champion_se: float) -> float:
+    """What a change of a rate must exceed to count: the larger of the fixed margin and `noise_z` standard
+    errors of the difference."""
+    return max(params.max_regression, params.noise_z * math.hypot(value_se, champion_se))
+
+
 def _no_regression(
     name: str, value: float, value_se: float, champion: float, champion_se: float, params: GateParams
 ) -> Check:
-    """Tolerate a drop up to the larger of the fixed margin and `noise_z` standard errors of the difference."""
-    margin = max(params.max_regression, params.noise_z * math.hypot(value_se, champion_se))
+    """Tolerate a drop up to the noise-aware margin."""
+    margin = _margin(params, value_se, champion_se)
     passed = value >= champion - margin
     verdict = "within" if passed else "beyond"
     return Check(
@@ -115,16 +125,55 @@ def _no_regression(
     )
 
 
-def _perplexity_vs_champion(value: float, champion: float, params: GateParams) -> Check:
+def _perplexity_vs_champion(value: float, champion: float, params: GateParams, name: str = "perplexity") -> Check:
     limit = champion * (1 + params.max_perplexity_increase)
     return Check(
-        name="perplexity vs champion",
+        name=f"{name} vs champion",
         passed=value <= limit,
         candidate=value,
         reference=champion,
         threshold=f"<= {limit:.4f}",
-        reason=f"perplexity {value:.3f} vs champion {champion:.3f} "
+        reason=f"{name} {value:.3f} vs champion {champion:.3f} "
         f"(at most {params.max_perplexity_increase:.0%} higher allowed)",
+    )
+
+
+def _vs_champion(
+    metrics: list[str], cand: ModelScores, champ: ModelScores, params: GateParams, on: str = ""
+) -> list[Check]:
+    """No regression on each metric (`on`: a prefix naming the split, e.g. "traffic ")."""
+    return [
+        _perplexity_vs_champion(cand.perplexity, champ.perplexity, params, f"{on}perplexity")
+        if metric in LOWER_IS_BETTER
+        else _no_regression(f"{on}{metric}", *_metric(cand, metric), *_metric(champ, metric), params)
+        for metric in metrics
+    ]
+
+
+def _better_on_traffic(metrics: list[str], traffic: TrafficScores, params: GateParams) -> Check:
+    """A drift retrain must answer the traffic it learnt from better than the champion: beyond the margin that
+    counts as noise (a rate above it by `_margin`, perplexity lower by `max_perplexity_increase`) on at least
+    one metric (the table shows the first that is, or the first configured)."""
+    cand, champ = traffic.candidate, traffic.champion
+    gains = {}
+    for metric in metrics:
+        value, champion = getattr(cand, metric), getattr(champ, metric)
+        if metric in LOWER_IS_BETTER:
+            gains[metric] = (champion - value, champion * params.max_perplexity_increase)
+        else:
+            gains[metric] = (value - champion, _margin(params, _metric(cand, metric)[1], _metric(champ, metric)[1]))
+    better = [m for m, (gain, margin) in gains.items() if gain > margin]
+    shown = ", ".join(f"{m} {gain:+.3f} (needs > {margin:.3f})" for m, (gain, margin) in gains.items())
+    shown_metric = (better or metrics)[0]
+    return Check(
+        name="better on traffic",
+        passed=bool(better),
+        candidate=getattr(cand, shown_metric),
+        reference=getattr(champ, shown_metric),
+        threshold=f"better beyond the margin on one of {', '.join(metrics)}",
+        reason=f"on the traffic eval split ({cand.rows} rows) the candidate "
+        + ("answers better than" if better else "does not answer better than")
+        + f" the champion beyond the noise margin: {shown}",
     )
 
 
@@ -133,9 +182,13 @@ def _metric(scores: ModelScores, metric: str) -> tuple[float, float]:
     return getattr(scores, metric), getattr(scores, f"{metric}_se", 0.0)
 
 
-def decide(params: GateParams, report: EvalReport, quantization: QuantizeResult) -> GateDecision:
-    """Apply the configured checks (`gate.floors`, `gate.vs_base`, `gate.vs_champion`) and the bound on
-    quantization loss; the champion checks only when there is a champion."""
+def decide(
+    params: GateParams, report: EvalReport, quantization: QuantizeResult, new_traffic: bool = False
+) -> GateDecision:
+    """Apply the configured checks (`gate.floors`, `gate.vs_base`, `gate.vs_champion`,
+    `gate.vs_champion_on_traffic`) and the bound on quantization loss; the champion checks only when there is a
+    champion, the traffic ones only when the traffic eval split has rows. `new_traffic`: this run folded in
+    judged traffic (a drift retrain), so it must also answer the traffic eval split better than the champion."""
     cand, base, champ = report.candidate, report.base, report.champion
     checks = [_floor(metric, getattr(cand, metric), bound) for metric, bound in params.floors.items()]
     checks += [_beats_base(metric, getattr(cand, metric), getattr(base, metric)) for metric in params.vs_base]
@@ -152,14 +205,23 @@ def decide(params: GateParams, report: EvalReport, quantization: QuantizeResult)
         )
     )
     if champ is not None:
-        for metric in params.vs_champion:
-            if metric in LOWER_IS_BETTER:
-                checks.append(_perplexity_vs_champion(cand.perplexity, champ.perplexity, params))
-            else:
-                checks.append(_no_regression(metric, *_metric(cand, metric), *_metric(champ, metric), params))
+        checks += _vs_champion(params.vs_champion, cand, champ, params)
+    traffic, on_traffic = report.traffic, params.vs_champion_on_traffic
+    if traffic is None:
+        note = "none yet (no judged traffic held out by loop.eval_share): not compared on traffic"
+    elif traffic.champion is None:
+        note = f"{traffic.candidate.rows} rows; no champion to compare with"
+    elif not on_traffic:
+        note = f"{traffic.candidate.rows} rows; gate.vs_champion_on_traffic is empty: not compared"
+    else:
+        note = f"{traffic.candidate.rows} rows of `{traffic.split}`"
+        checks += _vs_champion(on_traffic, traffic.candidate, traffic.champion, params, on="traffic ")
+        if new_traffic:
+            checks.append(_better_on_traffic(on_traffic, traffic, params))
     return GateDecision(
         passed=all(c.passed for c in checks),
         checks=checks,
         quantization_method=quantization.method,
         full_precision_layers=quantization.full_precision_layers,
+        traffic=note,
     )

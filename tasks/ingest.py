@@ -16,6 +16,8 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -25,6 +27,7 @@ from pydantic import BaseModel
 from llmops.chat import load_chat_template
 from llmops.config import LoopParams, ValidateParams
 from llmops.data import (
+    TRAFFIC_EVAL_FILE,
     JsonlReader,
     batch_files,
     dvc_lock,
@@ -33,11 +36,12 @@ from llmops.data import (
     split_files,
     track,
     tracked_version,
+    traffic_eval_split,
     write_jsonl,
 )
 from llmops.errors import LLMOpsError
 from llmops.modeling import load_tokenizer
-from llmops.serving.traffic_log import considered_ids, judged_traffic, record_considered, traffic_log
+from llmops.serving.traffic_log import considered_ids, held_out, judged_traffic, record_considered, traffic_log
 from tasks.validate import FEATURES, DataReport, ExcessLength, InvalidData, SplitReport, check_split, clean
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,7 @@ class FoldedTraffic(BaseModel, frozen=True):
 
     log: Path
     folded: int  # judged exchanges added: a reviewer's correction, or the server's answer rated up
+    held_out: int = 0  # fit, but held out as the traffic eval split (loop.eval_share): evaluated, never trained
     waiting: int = 0  # fit, but over loop.max_traffic_share: the newest, left for the next retrain
     left_out: int  # never judged, judged down with no correction, or judged by someone whose judgment does not train
     already_there: int = 0  # judged, but the training set (or an earlier exchange) already holds the conversation
@@ -57,7 +62,8 @@ class FoldedTraffic(BaseModel, frozen=True):
     def summary(self) -> str:
         dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(self.dropped.items())) or "none"
         return (
-            f"{self.folded} judged exchanges folded in, {self.waiting} waiting (loop.max_traffic_share); "
+            f"{self.folded} judged exchanges folded in, {self.held_out} held out for evaluation, {self.waiting} "
+            "waiting (loop.max_traffic_share); "
             f"{self.already_there} already in the training set; dropped: {dropped}; left out {self.left_out} "
             f"never judged, judged down or not trusted to train; {self.considered_before} considered before"
         )
@@ -65,6 +71,7 @@ class FoldedTraffic(BaseModel, frozen=True):
     def metrics(self) -> dict[str, float]:
         counts = {
             "folded": self.folded,
+            "held_out": self.held_out,
             "waiting": self.waiting,
             "left_out": self.left_out,
             "already_there": self.already_there,
@@ -108,6 +115,7 @@ class IngestResult(BaseModel, frozen=True):
                 "| judged exchanges | rows |",
                 "|---|---|",
                 f"| folded in | {t.folded} |",
+                f"| held out as the traffic eval split (loop.eval_share; never trains) | {t.held_out} |",
                 f"| waiting for the next retrain (loop.max_traffic_share) | {t.waiting} |",
                 f"| already in the training set | {t.already_there} |",
                 *[f"| dropped: {TRAFFIC_DROPS.get(r, r)} | {n} |" for r, n in sorted(t.dropped.items())],
@@ -152,12 +160,14 @@ def ingest_dataset(
     `ingested/<time>/` beside them, so a watched folder's batch is folded in once.
 
     A folder may hold a served-traffic log (`llmops serve` writes one under `monitor.incoming/traffic`): its
-    judged exchanges join too (`llmops.serving.traffic_log.judged_traffic`, under the `loop` config: only a reviewer's
-    correction or the server's own answer is ever a target). Traffic is cleaned, then judged, row by row: a bad
-    row is dropped and counted by reason, never failing the ingest; what the training set already holds is
-    "already there"; at most `loop.max_traffic_share` of the training set is traffic, the newest beyond it
-    waiting. Each judged exchange is considered once: the ledger beside the log (`llmops.serving.traffic_log.LEDGER`)
-    records what became of it, after the dataset is versioned. The log itself is never moved.
+    judged exchanges join too (`llmops.serving.traffic_log.judged_traffic`, under the `loop` config: only a
+    reviewer's correction or the server's own answer is ever a target). Traffic is cleaned, then judged, row by
+    row: a bad row is dropped and counted by reason, never failing the ingest; what the training set already
+    holds is "already there"; `loop.eval_share` of the prompts (by hash) are held out, appended to the traffic
+    eval split beside `train` and versioned with it, never trained; at most `loop.max_traffic_share` of the
+    training set is traffic, the newest beyond it waiting. Each judged exchange is considered once: the ledger
+    beside the log (`llmops.serving.traffic_log.LEDGER`) records what became of it, after the dataset is
+    versioned. The log itself is never moved.
 
     The batch is cleaned and judged like a split. Its rows the training set already holds are skipped, not
     defects: a batch delivered twice folds nothing in the second time, and fails nothing. It is added as it
@@ -187,6 +197,8 @@ def ingest_dataset(
         current = parse_jsonl(train, params.max_line_bytes) if train.exists() else None
         existing = current if mode == "append" else None  # the rows the new ones join
         known = {c.key() for _, c in existing.rows} if existing else set()
+        if traffic_eval_split(train).is_file():  # held-out traffic never trains, nor is it held out twice
+            known |= {c.key() for _, c in parse_jsonl(traffic_eval_split(train), params.max_line_bytes).rows}
         before = len(current.rows) if current else 0
         previous = tracked_version(train)
 
@@ -207,44 +219,43 @@ def ingest_dataset(
                 if batch is not None:
                     batch_rows = check(batch, new).rows
                     parts.append(_compacted(batch, scratch / "batch-new.jsonl"))
-            traffic, outcomes = None, {}
+            traffic, outcomes, evaluation = None, {}, None
             if served is not None:
-                traffic, taken, outcomes = _judge_traffic(
+                traffic, taken, held, outcomes = _judge_traffic(
                     served, loop, params, base_model, max_seq_len, eval, known, before + batch_rows, options
                 )
                 log.info("traffic log %s: %s", served, traffic.summary())
                 if taken:
                     (scratch / "traffic.jsonl").write_text("".join(taken), encoding="utf-8")
                     parts.append(scratch / "traffic.jsonl")
-            if not parts:  # nothing new to fold in: the dataset stays as it is
-                combined, version = None, previous[1] if previous else None
-            elif train.is_dir():
-                combined, version = _add_to_folder(train, new, parts, params, scratch, mode, base_model, max_seq_len,
-                                                   eval, options, out)  # fmt: skip
-            else:
-                candidate = scratch / "candidate.jsonl"
-                sources = ([train] if existing else []) + parts  # the rows kept, then the new ones
-                parsed = [existing] if existing else []
-                parsed += [parse_jsonl(part, params.max_line_bytes) for part in parts]
-                if len({p.format for p in parsed}) == 1:  # one shape: the files' own bytes
-                    _concatenate(sources, candidate)
+                if held:  # the traffic eval split as it will be: the rows it held, then the new ones
+                    held_before = [f for f in [traffic_eval_split(train)] if f.exists()]
+                    evaluation = _concatenate(held_before, scratch / TRAFFIC_EVAL_FILE)
+                    with evaluation.open("a", encoding="utf-8") as handle:
+                        handle.write("".join(held))
+            # The held-out rows are versioned with the training set, and put back if versioning fails.
+            with _swapped_in(evaluation, traffic_eval_split(train), scratch):
+                if not parts and evaluation is None:  # nothing new to fold in: the dataset stays as it is
+                    combined, version = None, previous[1] if previous else None
+                elif not parts:  # only rows for the traffic eval split: the training set stays as it is
+                    combined, version = None, track(train.parent)
+                elif train.is_dir():
+                    combined, version = _add_to_folder(train, new, parts, params, scratch, mode, base_model,
+                                                       max_seq_len, eval, options, out)  # fmt: skip
                 else:
-                    write_jsonl(candidate, [c for p in parsed for _, c in p.rows])
-                combined = check_split(params, base_model, max_seq_len, candidate, other=eval, **options)
-                if not combined.ok:  # e.g. the new rows together fail a check
-                    raise InvalidData(DataReport(splits=[combined.model_copy(update={"path": train})]))
-                # A hard link keeps the old file reachable without a moment where `train` is missing; it lives
-                # outside the tracked folder so `dvc add` never versions it.
-                backup = scratch / "before.jsonl"
-                if train.exists():
-                    os.link(train, backup)
-                os.replace(candidate, train)  # atomic: readers see the old file or the new one, never half of one
-                try:
-                    version = track(train.parent)
-                except BaseException:
-                    if backup.exists():
-                        os.replace(backup, train)
-                    raise
+                    candidate = scratch / "candidate.jsonl"
+                    sources = ([train] if existing else []) + parts  # the rows kept, then the new ones
+                    parsed = [existing] if existing else []
+                    parsed += [parse_jsonl(part, params.max_line_bytes) for part in parts]
+                    if len({p.format for p in parsed}) == 1:  # one shape: the files' own bytes
+                        _concatenate(sources, candidate)
+                    else:
+                        write_jsonl(candidate, [c for p in parsed for _, c in p.rows])
+                    combined = check_split(params, base_model, max_seq_len, candidate, other=eval, **options)
+                    if not combined.ok:  # e.g. the new rows together fail a check
+                        raise InvalidData(DataReport(splits=[combined.model_copy(update={"path": train})]))
+                    with _swapped_in(candidate, train, scratch):
+                        version = track(train.parent)
             if served is not None:  # versioned (or nothing to version): these were considered, once
                 record_considered(served, outcomes)
         finally:
@@ -264,6 +275,29 @@ def ingest_dataset(
             already_there=already_there,
             traffic=traffic,
         )
+
+
+@contextmanager
+def _swapped_in(staged: Path | None, target: Path, scratch: Path) -> Iterator[None]:
+    """Put `staged` in place of `target` with an atomic rename (readers see the old file or the new one, never
+    half of one); if the block raises (e.g. versioning failed), put the old file back. A hard link keeps the
+    old file reachable without a moment where `target` is missing; it lives in `scratch`, outside the tracked
+    folder, so `dvc add` never versions it."""
+    if staged is None:
+        yield
+        return
+    backup = scratch / f"before-{target.name}"
+    if target.exists():
+        os.link(target, backup)
+    os.replace(staged, target)
+    try:
+        yield
+    except BaseException:
+        if backup.exists():
+            os.replace(backup, target)
+        else:
+            target.unlink(missing_ok=True)
+        raise
 
 
 def _without_rows_already_there(
@@ -311,16 +345,18 @@ def _judge_traffic(
     known: set[str],
     rows_before: int,
     options: dict,
-) -> tuple[FoldedTraffic, list[str], dict[str, str]]:
-    """Clean, then judge, the judged exchanges of a traffic log, row by row: (what happened, the kept rows as
-    `messages` JSON lines within the cap, the ledger outcome of each exchange considered). `rows_before`: the
-    training set's rows with the new batch's, traffic folded earlier (the ledger's) included."""
+) -> tuple[FoldedTraffic, list[str], list[str], dict[str, str]]:
+    """Clean, then judge, the judged exchanges of a traffic log, row by row: (what happened, the kept rows to
+    train on as `messages` JSON lines within the cap, the rows held out for the traffic eval split, the ledger
+    outcome of each exchange considered). `rows_before`: the training set's rows with the new batch's, traffic
+    folded earlier (the ledger's) included."""
     ledger = considered_ids(served)
     judged = judged_traffic(served, loop, considered=ledger.keys())
     outcomes = {i: "dropped:unreadable" for i in judged.unreadable}
     dropped = Counter({"unreadable": len(judged.unreadable)} if judged.unreadable else {})
     already = 0
-    kept: list[tuple[str, str]] = []  # (id, cleaned row)
+    kept: list[tuple[str, str]] = []  # (id, cleaned row) to train on
+    held: list[str] = []  # cleaned rows for the traffic eval split
     if judged.rows:
         tokenizer = load_tokenizer(base_model, options["chat_template"])
         eval_keys = [c.keys() for _, c in parse_jsonl(eval, params.max_line_bytes).rows]
@@ -352,6 +388,9 @@ def _judge_traffic(
             if reason:
                 outcomes[row.id] = f"dropped:{reason}"
                 dropped[reason] += 1
+            elif held_out(row.conversation, loop.eval_share):
+                outcomes[row.id] = "held_out"
+                held.append(line)
             else:
                 kept.append((row.id, line))
     folded_before = sum(outcome == "folded" for outcome in ledger.values())
@@ -361,13 +400,14 @@ def _judge_traffic(
     traffic = FoldedTraffic(
         log=served,
         folded=len(taken),
+        held_out=len(held),
         waiting=len(waiting),
         left_out=judged.left_out,
         already_there=already + judged.duplicates,
         dropped=dict(dropped),
         considered_before=judged.considered_before,
     )
-    return traffic, [line for _, line in taken], outcomes
+    return traffic, [line for _, line in taken], held, outcomes
 
 
 def _refused(found: dict, params: ValidateParams) -> str | None:

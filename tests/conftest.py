@@ -15,6 +15,7 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="llmops-tests-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(Path(_PREFECT_HOME) / "storage")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DVC_NO_ANALYTICS"] = "1"  # else every `dvc` command the tests run starts a daemon that phones home
 os.environ.pop("LLMOPS_TRACKING_URI", None)
 
 import pytest  # noqa: E402

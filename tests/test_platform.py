@@ -35,7 +35,8 @@ from prefect.states import Cancelled
 
 from llmops import tracking
 from llmops.config import load_params
-from llmops.data import Conversation, Turn, read_conversations, tracked_version
+from llmops.data import Conversation, Turn, read_conversations, tracked_version, traffic_eval_split
+from llmops.serving.traffic_log import held_out
 from tasks.bootstrap import build_incoming_batch
 from tests.conftest import PROJECT, make_dvc_project, wait_until
 
@@ -138,15 +139,8 @@ def record(name: str, value) -> None:
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory, assets):
     folder = tmp_path_factory.mktemp("platform")
-    # The loop test needs its retrain promoted to see the server switch: the gate keeps its floors and its
-    # comparison with the base, and leaves the one with the champion to the gate's own tests.
     params_file = make_dvc_project(
-        folder,
-        assets,
-        deploy__monitor_cron=None,
-        deploy__drift_cooldown_minutes=10,
-        serve__poll_seconds=2,
-        gate__vs_champion=[],
+        folder, assets, deploy__monitor_cron=None, deploy__drift_cooldown_minutes=10, serve__poll_seconds=2
     )
     platform = Platform(params_file)
     platform.start()
@@ -292,8 +286,9 @@ def ask(url: str, prompt) -> dict:
 
 def test_the_loop_served_traffic_drifts_and_only_its_judged_rows_retrain_a_champion_that_goes_live(platform):
     """The whole loop: users ask the champion about things it never saw and judge some answers; the hourly
-    monitor (run on demand) finds drift in what they ask; the automation retrains on the judged traffic alone;
-    the gate promotes; the server switches to the new version."""
+    monitor (run on demand) finds drift in what they ask; the automation retrains on the judged traffic alone,
+    a share of it held out as the traffic eval split; the shipped gate promotes the candidate because it
+    answers that traffic better than the champion; the server switches to the new version."""
     params = platform.params
     model = params.registry.model_name
     champion = tracking.champion_version(params.tracking, params.registry)
@@ -350,19 +345,26 @@ def test_the_loop_served_traffic_drifts_and_only_its_judged_rows_retrain_a_champ
         record("drift_retrain_run_seconds", drift_run.total_run_time.total_seconds())
 
         # Trained on the judged traffic, and only on it: corrections as answers, liked answers as given, and
-        # the earlier assistant turns the client sent as context, never as targets.
+        # the earlier assistant turns the client sent as context, never as targets. A share of the prompts
+        # (by hash) is held out as the traffic eval split instead, and never trains.
         assert tracked_version(params.data.train)[1] != data_before
         added = read_conversations(params.data.train)[len(rows_before) :]
         context = {q: tuple(replace(t, train=t.role != "assistant") for t in q.prompt) for q, _ in served}
-        expected = {Conversation((*context[q], Turn("assistant", q.reference))) for q, _ in corrected}
-        expected |= {
+        judged = {Conversation((*context[q], Turn("assistant", q.reference))) for q, _ in corrected}
+        judged |= {
             Conversation((*context[q], Turn("assistant", a["choices"][0]["message"]["content"]))) for q, a in liked
         }
-        assert set(added) == expected
+        held = {c for c in judged if held_out(c, params.loop.eval_share)}
+        assert held and set(added) == judged - held
+        assert set(read_conversations(traffic_eval_split(params.data.train))) == held
 
-        # The gate promoted the candidate, and the server switched to it.
+        # The shipped gate promoted the candidate because it answers the held-out traffic better than the
+        # champion, and the server switched to it.
         new = tracking.champion_version(params.tracking, params.registry)
         assert new.version != champion.version and new.tags["lineage.reason"] == "drift"
+        gate_report = Path(tracking.client_for(params.tracking).download_artifacts(new.run_id, "gate_report.md"))
+        [better] = [line for line in gate_report.read_text().splitlines() if line.startswith("| better on traffic |")]
+        assert better.endswith("| pass |"), gate_report.read_text()
         switched = wait_until(
             lambda: ask(url, questions[0].prompt)["model"] == f"{model}/{new.version}",
             params.serve.poll_seconds + 120,

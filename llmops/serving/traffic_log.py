@@ -308,8 +308,15 @@ def judged_traffic(
     )
 
 
+def held_out(conversation: Conversation, share: float) -> bool:
+    """Whether a judged exchange belongs to the traffic eval split (`loop.eval_share`): decided by a hash of its
+    prompt, so the same question always lands on the same side and a held-out prompt never trains."""
+    return int(conversation.keys()[1][:8], 16) < share * 16**8
+
+
 def considered_ids(folder: Path) -> dict[str, str]:
-    """The ledger: judged exchange id -> what became of it (folded, already_there, or dropped:<reason>)."""
+    """The ledger: judged exchange id -> what became of it (folded, held_out, already_there, or
+    dropped:<reason>)."""
     ledger = folder / LEDGER
     if not ledger.is_file():
         return {}

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from llmops.config import GateParams, load_params
-from tasks.evaluate import EvalReport, ModelScores
+from tasks.evaluate import EvalReport, ModelScores, TrafficScores
 from tasks.gate import decide
 from tasks.quantize import QuantizeResult
 
@@ -32,12 +32,13 @@ def scores(em=0.9, rouge=0.9, eos=1.0, ppl=1.2, se=0.03) -> ModelScores:
     )
 
 
-def report(candidate=None, champion=None, base=None) -> EvalReport:
+def report(candidate=None, champion=None, base=None, traffic=None) -> EvalReport:
     return EvalReport(
         candidate=candidate or scores(),
         base=base or scores(em=0.0, rouge=0.1, ppl=30),
         champion=champion,
         report_file=Path("r.json"),
+        traffic=traffic,
     )
 
 
@@ -151,3 +152,34 @@ def test_markdown_names_the_layers_left_in_full_precision():
     assert "Layers kept in full precision: none" in decide(GateParams(), report(), QUANT).to_markdown()
     unquantized = QUANT.model_copy(update={"method": "none"})
     assert "the merged model is deployed in full precision" in decide(GateParams(), report(), unquantized).to_markdown()
+
+
+def on_traffic(candidate: ModelScores, champion: ModelScores) -> TrafficScores:
+    return TrafficScores(split=Path("data/demo/traffic-eval.jsonl"), candidate=candidate, champion=champion)
+
+
+def test_a_drift_retrain_is_promoted_only_when_it_answers_the_held_out_traffic_better():
+    champion = scores()
+    better = on_traffic(scores(rouge=0.9, ppl=2.0), scores(rouge=0.5, ppl=4.0))  # corrections learnt
+    same = on_traffic(scores(rouge=0.52, ppl=3.9), scores(rouge=0.5, ppl=4.0))  # within noise: learnt nothing
+    promoted = decide(GateParams(), report(champion=champion, traffic=better), QUANT, new_traffic=True)
+    assert promoted.passed and "better on traffic" in {c.name for c in promoted.checks}
+    rejected = decide(GateParams(), report(champion=champion, traffic=same), QUANT, new_traffic=True)
+    assert failed(rejected) == {"better on traffic"}
+    assert "does not answer better than the champion" in " ".join(rejected.reasons)
+    # A run that learnt from no new traffic (a scheduled retrain) must only not regress on it.
+    scheduled = decide(GateParams(), report(champion=champion, traffic=same), QUANT)
+    assert scheduled.passed and {"traffic perplexity vs champion", "traffic rouge_l vs champion"} <= {
+        c.name for c in scheduled.checks
+    }
+
+
+def test_a_regression_on_the_held_out_traffic_rejects_and_the_report_shows_the_split():
+    worse = on_traffic(scores(rouge=0.3, ppl=6.0), scores(rouge=0.9, ppl=2.0))
+    decision = decide(GateParams(), report(champion=scores(), traffic=worse), QUANT)
+    assert failed(decision) == {"traffic perplexity vs champion", "traffic rouge_l vs champion"}
+    assert "Traffic eval split: 100 rows of `data/demo/traffic-eval.jsonl`" in decision.to_markdown()
+    unchecked = decide(GateParams(vs_champion_on_traffic=[]), report(champion=scores(), traffic=worse), QUANT)
+    assert unchecked.passed and "not compared" in unchecked.to_markdown()
+    none_yet = decide(GateParams(), report(champion=scores()), QUANT, new_traffic=True)
+    assert none_yet.passed and "none yet" in none_yet.to_markdown()

@@ -3,9 +3,16 @@
 import pytest
 
 from llmops.config import LoopParams, load_params
-from llmops.data import Conversation, read_conversations, split_files, split_md5, tracked_version
+from llmops.data import (
+    Conversation,
+    read_conversations,
+    split_files,
+    split_md5,
+    tracked_version,
+    traffic_eval_split,
+)
 from llmops.errors import LLMOpsError
-from llmops.serving.traffic_log import considered_ids
+from llmops.serving.traffic_log import considered_ids, held_out
 from tasks.ingest import ingest_dataset
 from tasks.validate import InvalidData
 from tests.conftest import make_dvc_project, write_params
@@ -27,6 +34,7 @@ def contents(split):
 
 
 def ingest(params, new, mode="append", archive=False, max_seq_len=None, excess_length="drop", loop=None):
+    """An ingest; judged traffic all trains unless `loop` holds some out (its own test)."""
     return ingest_dataset(
         params.validate_,
         params.model.base,
@@ -37,7 +45,7 @@ def ingest(params, new, mode="append", archive=False, max_seq_len=None, excess_l
         mode,
         archive=archive,
         excess_length=excess_length,
-        loop=loop,
+        loop=loop or LoopParams(eval_share=0),
     )
 
 
@@ -291,12 +299,45 @@ def test_traffic_takes_at_most_its_share_and_the_newest_wait_for_the_next_retrai
         [judged(i) for i in range(8)],
     )
     share = 3 / (rows + 3)  # room for exactly 3 traffic rows
-    first = ingest(params, root / "incoming", loop=LoopParams(max_traffic_share=share + 1e-6))
+    first = ingest(params, root / "incoming", loop=LoopParams(max_traffic_share=share + 1e-6, eval_share=0))
     assert (first.traffic.folded, first.traffic.waiting) == (3, 5)
     assert set(considered_ids(traffic)) == {answer_id(i) for i in range(3)}  # the oldest; the newest wait
 
-    same = ingest(params, root / "incoming", loop=LoopParams(max_traffic_share=share + 1e-6))
+    same = ingest(params, root / "incoming", loop=LoopParams(max_traffic_share=share + 1e-6, eval_share=0))
     assert (same.traffic.folded, same.traffic.waiting, same.version) == (0, 5, first.version)  # still full
-    later = ingest(params, root / "incoming", loop=LoopParams(max_traffic_share=0.5))
+    later = ingest(params, root / "incoming", loop=LoopParams(max_traffic_share=0.5, eval_share=0))
     assert (later.traffic.folded, later.traffic.waiting) == (5, 0)
     assert set(considered_ids(traffic)) == {answer_id(i) for i in range(8)}
+
+
+def test_a_share_of_judged_traffic_is_held_out_by_prompt_versioned_and_never_trained(project):
+    params, root = project
+    loop = LoopParams(eval_share=0.5)
+    pairs = [(r["prompt"], r["response"]) for r in NEW_ROWS]
+    held = [p for p in pairs if held_out(Conversation.from_pair(*p), loop.eval_share)]
+    assert 0 < len(held) < len(pairs)  # the prompts of this test land on both sides
+    traffic = write_log(
+        root / "incoming" / "traffic",
+        [served(i, prompt, "gold") for i, (prompt, _) in enumerate(pairs)],
+        [judged(i, "down", answer) for i, (_, answer) in enumerate(pairs)],  # every answer corrected
+    )
+    before = contents(params.data.train)
+
+    result = ingest(params, root / "incoming", loop=loop)
+    assert (result.traffic.folded, result.traffic.held_out) == (len(pairs) - len(held), len(held))
+    evaluation = traffic_eval_split(params.data.train)
+    assert read_conversations(evaluation) == [Conversation.from_pair(*p) for p in held]
+    trained = {c.last_user for c in folded_rows(params, before)}
+    assert trained == {prompt for prompt, _ in pairs} - {prompt for prompt, _ in held}
+    assert tracked_version(params.data.train)[1] == result.version != result.previous_version
+    assert sorted(considered_ids(traffic).values()) == sorted(
+        ["folded"] * result.traffic.folded + ["held_out"] * len(held)
+    )
+    assert "held out as the traffic eval split" in result.to_markdown()
+
+    # The same question asked again, answered and judged anew: it lands on the same side, never in training.
+    write_log(traffic, [served(50, held[0][0], "gold")], [judged(50, "down", "a second reviewer's answer")])
+    again = ingest(params, root / "incoming", loop=loop)
+    assert (again.traffic.folded, again.traffic.held_out, again.traffic.considered_before) == (0, 1, len(pairs))
+    assert read_conversations(evaluation)[-1] == Conversation.from_pair(held[0][0], "a second reviewer's answer")
+    assert trained == {c.last_user for c in folded_rows(params, before)}  # the training rows did not change
