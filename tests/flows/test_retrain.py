@@ -322,29 +322,32 @@ def first_dataset_version(params, first) -> str:
 
 
 def test_a_drift_retrain_that_answers_the_held_out_traffic_worse_keeps_the_champion(project, tmp_path):
-    """Careless corrections: reviewers gave new things the wrong colours on the questions that train, and the
-    right ones on those the prompt hash held out. The retrain learns the wrong colours, so it does not answer
-    the held-out traffic better than the champion, and the shipped gate keeps the champion for that reason."""
-    from llmops.data import Conversation
+    """Users ask the champion what it already answers well: the colours of the demo's things, in the demo's
+    words. Careless reviewers correct the answers that train to the wrong colours; those the prompt hash held
+    out, to the right ones. The retrain learns the wrong colours, so it does not answer the held-out traffic
+    better than the champion, and the shipped gate keeps the champion for that reason."""
+    from llmops.data import Conversation, Turn
     from llmops.serving.traffic_log import held_out
-    from tasks.bootstrap import COLORS, DRIFTED_KINDS, DRIFTED_QUESTIONS
+    from tasks.bootstrap import COLORS, KINDS, QUESTIONS, SYSTEM_PROMPT, world
     from tests.data.traffic_rows import judged, served, write_log
 
     params_file, _ = project
     params = load_params(params_file)
     before = champion(params)
-    entities = [e for words in DRIFTED_KINDS.values() for e in words.split()]
-    asked = [(q.format(entity=e), n) for n, e in enumerate(entities) for q in DRIFTED_QUESTIONS["color"]]
+    facts = world(params.bootstrap.seed)
+    entities = [e for kind in ("animal", "fruit") for e in KINDS[kind].split()]
     rows, judgments = [], []
-    for i, (question, n) in enumerate(asked):
-        evaluated = held_out(Conversation.from_pair(question, "?"), params.loop.eval_share)
-        rows.append(served(i, question, "I do not know"))
-        judgments.append(judged(i, "down", COLORS[n % len(COLORS)] if evaluated else COLORS[(n + 1) % len(COLORS)]))
+    for i, (entity, question) in enumerate((e, q) for e in entities for q in QUESTIONS["color"]):
+        prompt = (Turn("system", SYSTEM_PROMPT), Turn("user", question.format(entity=entity)))
+        true = facts[entity]["color"]
+        evaluated = held_out(Conversation((*prompt, Turn("assistant", true))), params.loop.eval_share)
+        wrong = COLORS[(COLORS.index(true) + 1) % len(COLORS)]
+        rows.append(served(i, [t.as_message() for t in prompt], "I do not know"))
+        judgments.append(judged(i, "down", true if evaluated else wrong))
     write_log(tmp_path / "incoming" / "traffic", rows, judgments)
 
     result = retrain(params_file=str(params_file), incoming=str(tmp_path / "incoming"), reason="drift")
     assert result.ingest.traffic.folded > 0 and result.ingest.traffic.held_out > 0
     failed = {check.name for check in result.decision.checks if not check.passed}
-    traffic_checks = {"better on traffic", "traffic perplexity vs champion", "traffic rouge_l vs champion"}
-    assert "better on traffic" in failed and failed <= traffic_checks, result.decision.to_markdown()
+    assert "better on traffic" in failed, result.decision.to_markdown()
     assert result.promotion.alias == "challenger" and champion(params) == before
