@@ -197,8 +197,9 @@ def ingest_dataset(
         current = parse_jsonl(train, params.max_line_bytes) if train.exists() else None
         existing = current if mode == "append" else None  # the rows the new ones join
         known = {c.key() for _, c in existing.rows} if existing else set()
-        if traffic_eval_split(train).is_file():  # held-out traffic never trains, nor is it held out twice
-            known |= {c.key() for _, c in parse_jsonl(traffic_eval_split(train), params.max_line_bytes).rows}
+        held_split = traffic_eval_split(train)
+        if held_split.is_file():  # held-out traffic never trains, nor is it held out twice
+            known |= {c.key() for _, c in parse_jsonl(held_split, params.max_line_bytes).rows}
         before = len(current.rows) if current else 0
         previous = tracked_version(train)
 
@@ -229,12 +230,12 @@ def ingest_dataset(
                     (scratch / "traffic.jsonl").write_text("".join(taken), encoding="utf-8")
                     parts.append(scratch / "traffic.jsonl")
                 if held:  # the traffic eval split as it will be: the rows it held, then the new ones
-                    held_before = [f for f in [traffic_eval_split(train)] if f.exists()]
+                    held_before = [held_split] if held_split.is_file() else []
                     evaluation = _concatenate(held_before, scratch / TRAFFIC_EVAL_FILE)
                     with evaluation.open("a", encoding="utf-8") as handle:
                         handle.write("".join(held))
             # The held-out rows are versioned with the training set, and put back if versioning fails.
-            with _swapped_in(evaluation, traffic_eval_split(train), scratch):
+            with _swapped_in(evaluation, held_split, scratch):
                 if not parts and evaluation is None:  # nothing new to fold in: the dataset stays as it is
                     combined, version = None, previous[1] if previous else None
                 elif not parts:  # only rows for the traffic eval split: the training set stays as it is
