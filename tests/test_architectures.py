@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow.pyfunc
 import pytest
@@ -121,6 +122,8 @@ def test_llmops_run_on_another_architecture_exits_0_and_wrong_targets_exit_2(ass
     params_file = write_params(tmp_path, assets, finetune__epochs=1)
     cli = [sys.executable, "-m", "llmops.cli", "--params", str(params_file), "run"]
     env = {"PYTHONPATH": str(PROJECT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    # The CPU packing kernel GPTQModel compiles on first use belongs to the machine, not to a home folder.
+    env["GPTQMODEL_TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "gptqmodel" / "torch_extensions")
     ok = subprocess.run(
         [*cli, "--set", f"model.base={tiny_architectures['gpt2']}"], capture_output=True, text=True, env=env
     )

@@ -213,7 +213,8 @@ def test_a_killed_training_is_retried_and_resumes_from_its_checkpoint(project):
 
     watcher = threading.Thread(target=kill_training_at_step_40)
     watcher.start()
-    overrides = {"finetune.seed": 1, "finetune.checkpoint_steps": 20}  # a new training, not a cached one
+    # A new training, not a cached one; four epochs (100 steps) leave room to kill it after a checkpoint.
+    overrides = {"finetune.seed": 1, "finetune.checkpoint_steps": 20, "finetune.epochs": 4}
     run = retrain(params_file=str(params_file), overrides=overrides, reason="test")
     watcher.join()
     assert killed.is_set()
