@@ -253,12 +253,10 @@ def merge_memory(demo) -> list[Figure]:
     ]
 
 
-def real_model_merge(folder: Path) -> tuple:
+def real_model_merge(folder: Path, rows: int = 32) -> tuple:
     """SmolLM2-135M-Instruct (real pretrained weights, `make real-model`): one epoch of LoRA with the shipped
-    defaults on 32 chat rows, then the merge stage. Returns the dataset (all training rows for calibration),
-    the adapter and the merge result."""
-    write_jsonl(folder / "train.jsonl", read_conversations(DEMO.train)[:32])
-    write_jsonl(folder / "calibration.jsonl", read_conversations(DEMO.train))
+    defaults on `rows` chat rows, then the merge stage. Returns the dataset, the adapter and the merge result."""
+    write_jsonl(folder / "train.jsonl", read_conversations(DEMO.train)[:rows])
     write_jsonl(folder / "eval.jsonl", read_conversations(DEMO.eval)[:24])
     from tasks.validate import validate_dataset
 
@@ -267,7 +265,7 @@ def real_model_merge(folder: Path) -> tuple:
     ).require_valid()
     adapter = finetune(FinetuneParams(epochs=1), str(REAL_MODEL), data, folder / "ft", WORK / "ckpt")
     merged = merge_adapter(MergeParams(), str(REAL_MODEL), adapter, data, folder / "merged")
-    return data.model_copy(update={"train": folder / "calibration.jsonl"}), adapter, merged
+    return data, adapter, merged
 
 
 def real_merge_figures() -> list[Figure]:
@@ -299,19 +297,36 @@ def real_merge_figures() -> list[Figure]:
 
 
 def real_gptq_figures() -> list[Figure]:
-    """GPTQ with the shipped defaults on real weights: perplexity of the quantized vs the merged model."""
-    data, _, merged = real_model_merge(WORK / "real-gptq")
-    quantized = quantize_model(QuantizeParams(), merged, data, WORK / "real-gptq" / "gptq")
+    """GPTQ with the shipped defaults on real weights: perplexity of the quantized vs the merged model, calibrated
+    on 128 training rows, and for a team's first small set, 20 conversations that train and calibrate (the
+    merged model writes the rest of the calibration set)."""
+    folder, shipped = WORK / "real-gptq", QuantizeParams()
+    data, _, merged = real_model_merge(folder)
+    write_jsonl(folder / "calibration.jsonl", read_conversations(DEMO.train))
+    large = quantize_model(
+        shipped, merged, data.model_copy(update={"train": folder / "calibration.jsonl"}), folder / "gptq"
+    )
+    small_data, _, small_merged = real_model_merge(folder / "20-rows", rows=20)
+    small = quantize_model(shipped, small_merged, small_data, folder / "20-rows" / "gptq")
+    setting = f"GPTQ {shipped.bits}-bit (group size {shipped.group_size}, act-order {shipped.act_order})"
     return [
         Figure(
             "real_gptq_quality",
-            quantized.perplexity,
-            quantized.merged_perplexity,
+            large.perplexity,
+            large.merged_perplexity,
             "perplexity",
-            f"SmolLM2-135M-Instruct merged model vs its GPTQ {QuantizeParams().bits}-bit (group size "
-            f"{QuantizeParams().group_size}, act-order {QuantizeParams().act_order}), calibrated on "
-            f"{quantized.calibration_rows} training rows; eval responses; target ratio <= 1.10",
-        )
+            f"SmolLM2-135M-Instruct merged model vs its {setting}, calibrated on {large.calibration_rows} training "
+            "rows; eval responses; target ratio <= 1.10",
+        ),
+        Figure(
+            "real_gptq_quality_20_rows",
+            small.perplexity,
+            small.merged_perplexity,
+            "perplexity",
+            f"SmolLM2-135M-Instruct trained on 20 conversations, merged, vs its {setting}, calibrated on "
+            f"{small.calibration_rows} rows: the 20 and {small.generated_calibration_rows} answers the merged model "
+            "wrote to their prompts; eval responses; target ratio <= 1.10",
+        ),
     ]
 
 
@@ -776,7 +791,7 @@ GROUPS = {
     "gptq": gptq_figures,
     "merge": merge_memory,
     "real": lambda demo: real_merge_figures(),
-    "real_gptq": lambda demo: real_gptq_figures(),  # GPTQ of a 30-layer model: ~15 min on 2 idle cores
+    "real_gptq": lambda demo: real_gptq_figures(),  # two GPTQ runs of a 30-layer model: ~7 min on 2 idle cores
     "flow": lambda demo: flow_figures(),
     "gpu": lambda demo: gpu_figures() if torch.cuda.is_available() else [],
     "serve": serve_figures,

@@ -261,7 +261,10 @@ class QuantizeParams(Section):
     bits: Literal[2, 3, 4, 8] = Field(4, description="GPTQ weight bits.")
     group_size: int = Field(32, description="GPTQ group size; -1 for one group per row.")
     calibration_samples: int = Field(
-        128, ge=1, description="Training rows (prompt + response, as training renders them) used to calibrate GPTQ."
+        128,
+        ge=1,
+        description="Rows (prompt + response, as training renders them) that calibrate GPTQ: training rows; when the "
+        "training set has fewer, its prompts answered again by the merged model (sampled) make up the rest.",
     )
     act_order: bool = Field(
         True, description="Quantize columns in order of decreasing activation (GPTQ's desc_act): better quality."
@@ -411,8 +414,9 @@ class LoopParams(Section):
         lt=1,
         description="Share of the judged exchanges held out as the traffic eval split (`traffic-eval.jsonl` beside "
         "the training split, versioned with it), chosen by a hash of the prompt: the same question always lands on "
-        "the same side, and a held-out exchange never trains. The gate compares candidate and champion on it "
-        "(gate.vs_champion_on_traffic). 0 holds nothing out.",
+        "the same side, and a held-out exchange never trains. Its references are reviewers' corrections only (a liked "
+        "answer there is set aside: the server's own words would flatter the version that wrote them). The gate "
+        "compares candidate and champion on it (gate.vs_champion_on_traffic). 0 holds nothing out.",
     )
 
 

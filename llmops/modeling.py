@@ -230,9 +230,11 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 16,
     on_text: Callable[[str], None] | None = None,
+    sample: bool = False,
 ) -> list[Generation]:
     """Greedy next assistant turns of conversations (a plain string is one user turn), decoded without the
     prompt. The prompt ids are `llmops.chat.render_prompt`'s: exactly those training put before an answer.
+    `sample`: drawn from the model's distribution instead (its generation config's settings; seed torch first).
 
     `on_text`, for a single prompt, is called on this thread with each new piece of the answer as it is
     generated; the pieces join to exactly the answer's text. An exception it raises ends the generation."""
@@ -248,7 +250,7 @@ def generate(
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            do_sample=sample,
             eos_token_id=stops,
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,

@@ -53,6 +53,7 @@ class FoldedTraffic(BaseModel, frozen=True):
     log: Path
     folded: int  # judged exchanges added: a reviewer's correction, or the server's answer rated up
     held_out: int = 0  # fit, but held out as the traffic eval split (loop.eval_share): evaluated, never trained
+    set_aside: int = 0  # a liked answer on a held-out prompt: the model's own words judge no model; never trains
     waiting: int = 0  # fit, but over loop.max_traffic_share: the newest, left for the next retrain
     left_out: int  # never judged, judged down with no correction, or judged by someone whose judgment does not train
     already_there: int = 0  # judged, but the training set (or an earlier exchange) already holds the conversation
@@ -62,8 +63,8 @@ class FoldedTraffic(BaseModel, frozen=True):
     def summary(self) -> str:
         dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(self.dropped.items())) or "none"
         return (
-            f"{self.folded} judged exchanges folded in, {self.held_out} held out for evaluation, {self.waiting} "
-            "waiting (loop.max_traffic_share); "
+            f"{self.folded} judged exchanges folded in, {self.held_out} held out for evaluation, {self.set_aside} "
+            f"set aside, {self.waiting} waiting (loop.max_traffic_share); "
             f"{self.already_there} already in the training set; dropped: {dropped}; left out {self.left_out} "
             f"never judged, judged down or not trusted to train; {self.considered_before} considered before"
         )
@@ -72,6 +73,7 @@ class FoldedTraffic(BaseModel, frozen=True):
         counts = {
             "folded": self.folded,
             "held_out": self.held_out,
+            "set_aside": self.set_aside,
             "waiting": self.waiting,
             "left_out": self.left_out,
             "already_there": self.already_there,
@@ -116,6 +118,7 @@ class IngestResult(BaseModel, frozen=True):
                 "|---|---|",
                 f"| folded in | {t.folded} |",
                 f"| held out as the traffic eval split (loop.eval_share; never trains) | {t.held_out} |",
+                f"| set aside: a liked answer on a held-out prompt (never trains nor judges) | {t.set_aside} |",
                 f"| waiting for the next retrain (loop.max_traffic_share) | {t.waiting} |",
                 f"| already in the training set | {t.already_there} |",
                 *[f"| dropped: {TRAFFIC_DROPS.get(r, r)} | {n} |" for r, n in sorted(t.dropped.items())],
@@ -163,8 +166,9 @@ def ingest_dataset(
     judged exchanges join too (`llmops.serving.traffic_log.judged_traffic`, under the `loop` config: only a
     reviewer's correction or the server's own answer is ever a target). Traffic is cleaned, then judged, row by
     row: a bad row is dropped and counted by reason, never failing the ingest; what the training set already
-    holds is "already there"; `loop.eval_share` of the prompts (by hash) are held out, appended to the traffic
-    eval split beside `train` and versioned with it, never trained; at most `loop.max_traffic_share` of the
+    holds is "already there"; `loop.eval_share` of the prompts (by hash) are held out, never trained: their
+    corrections are appended to the traffic eval split beside `train` and versioned with it, their liked answers
+    set aside; at most `loop.max_traffic_share` of the
     training set is traffic, the newest beyond it waiting. Each judged exchange is considered once: the ledger
     beside the log (`llmops.serving.traffic_log.LEDGER`) records what became of it, after the dataset is
     versioned. The log itself is never moved.
@@ -358,6 +362,7 @@ def _judge_traffic(
     already = 0
     kept: list[tuple[str, str]] = []  # (id, cleaned row) to train on
     held: list[str] = []  # cleaned rows for the traffic eval split
+    set_aside = 0
     if judged.rows:
         tokenizer = load_tokenizer(base_model, options["chat_template"])
         eval_keys = [c.keys() for _, c in parse_jsonl(eval, params.max_line_bytes).rows]
@@ -389,11 +394,14 @@ def _judge_traffic(
             if reason:
                 outcomes[row.id] = f"dropped:{reason}"
                 dropped[reason] += 1
-            elif held_out(row.conversation, loop.eval_share):
+            elif not held_out(row.conversation, loop.eval_share):
+                kept.append((row.id, line))
+            elif row.source == "correction":
                 outcomes[row.id] = "held_out"
                 held.append(line)
-            else:
-                kept.append((row.id, line))
+            else:  # the split judges candidate against champion: the server's own answer would flatter its author
+                outcomes[row.id] = "set_aside"
+                set_aside += 1
     folded_before = sum(outcome == "folded" for outcome in ledger.values())
     room = _room(loop.max_traffic_share, max(0, rows_before - folded_before), folded_before)
     taken, waiting = kept[:room], kept[room:]  # the log's order: the newest wait, unrecorded, for the next retrain
@@ -402,6 +410,7 @@ def _judge_traffic(
         log=served,
         folded=len(taken),
         held_out=len(held),
+        set_aside=set_aside,
         waiting=len(waiting),
         left_out=judged.left_out,
         already_there=already + judged.duplicates,

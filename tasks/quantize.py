@@ -23,7 +23,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from llmops.chat import render
 from llmops.config import QuantizeParams, dvc_stage_args
-from llmops.data import Conversation, DatasetRef, read_conversations
+from llmops.data import Conversation, DatasetRef, Turn, read_conversations
 from llmops.devices import DeviceChoice, DtypeChoice, Placement, resolve_placement
 from llmops.errors import LLMOpsError
 from llmops.files import atomic_dir, load_result, save_result, write_stage_metadata
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_NEW_TOKENS = 128  # the longest answer the merged model writes to top up a small calibration set
+
 
 class QuantizeResult(BaseModel, frozen=True):
     model_dir: Path
@@ -52,6 +54,7 @@ class QuantizeResult(BaseModel, frozen=True):
     merged_perplexity: float
     full_precision_layers: list[str] = []  # block layers GPTQ cannot pack, kept unquantized (relative names)
     calibration_rows: int = 0
+    generated_calibration_rows: int = 0  # of those, written by the merged model (a small training set)
 
     @property
     def perplexity_ratio(self) -> float:
@@ -74,7 +77,6 @@ def quantize_model(
     eval_examples = read_conversations(data.eval)
     merged_model = load_model(merged.model_dir, dtype=placement.dtype, device=placement.device)
     merged_ppl = response_perplexity(merged_model, tokenizer, eval_examples, EVAL_MAX_SEQ_LEN)
-    del merged_model
     merged_size = folder_size_bytes(merged.model_dir)
     if params.method == "none":
         return QuantizeResult(
@@ -86,7 +88,10 @@ def quantize_model(
             merged_perplexity=merged_ppl,
         )
 
-    calibration = calibration_set(tokenizer, read_conversations(data.train), params.calibration_samples)
+    calibration, generated = calibration_set(
+        merged_model, tokenizer, read_conversations(data.train), params.calibration_samples
+    )
+    del merged_model
     model = load_model(merged.model_dir)
     to_quantize, full_precision = packable_block_layers(model, params.group_size)
     del model
@@ -138,6 +143,7 @@ def quantize_model(
             merged_perplexity=merged_ppl,
             full_precision_layers=full_precision,
             calibration_rows=len(calibration),
+            generated_calibration_rows=generated,
         )
         write_stage_metadata(
             tmp,
@@ -148,8 +154,11 @@ def quantize_model(
             **result.model_dump(mode="json"),
         )
     log.info(
-        "GPTQ %d-bit: %.1f MB -> %.1f MB, perplexity %.3f -> %.3f",
+        "GPTQ %d-bit, calibrated on %d rows (%d written by the merged model): %.1f MB -> %.1f MB, perplexity "
+        "%.3f -> %.3f",
         params.bits,
+        result.calibration_rows,
+        result.generated_calibration_rows,
         merged_size / 1e6,
         result.size_bytes / 1e6,
         merged_ppl,
@@ -158,15 +167,32 @@ def quantize_model(
     return result
 
 
-def calibration_set(tokenizer: PreTrainedTokenizerBase, train: list[Conversation], samples: int) -> list[dict]:
-    """GPTQ's calibration rows: training rows, token for token as training renders them (the layers are
-    calibrated on the activations they will see), sampled with a fixed seed."""
+def calibration_set(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: list[Conversation], samples: int
+) -> tuple[list[dict], int]:
+    """GPTQ's calibration rows, token for token as training renders them (the layers are calibrated on the
+    activations they will see), and how many of them the model wrote itself.
+
+    Training rows, sampled with a fixed seed. A training set smaller than `samples` is topped up with its own
+    prompts answered again by the merged model, sampled (seeded): a team's first small set still calibrates
+    every layer on enough tokens of what the model will serve. (SmolLM2-135M trained on 20 conversations:
+    perplexity 1.081x the merged model's calibrated on the 20 alone, 1.053x topped up to 128; `make bench`.)"""
     rows = random.Random(0).sample(train, min(samples, len(train)))
+    prompts = [train[i % len(train)].prompt for i in range(samples - len(rows))]
+    written: list[Conversation] = []
+    if prompts:
+        torch.manual_seed(0)
+        answers = generate(model, tokenizer, prompts, CALIBRATION_NEW_TOKENS, sample=True)
+        written = [
+            Conversation((*prompt, Turn("assistant", answer.text)))
+            for prompt, answer in zip(prompts, answers, strict=True)
+            if answer.text.strip()
+        ]
     calibration = []
-    for row in rows:
+    for row in rows + written:
         ids = render(tokenizer, row, EVAL_MAX_SEQ_LEN)[0]
         calibration.append({"input_ids": [ids], "attention_mask": [[1] * len(ids)]})
-    return calibration
+    return calibration, len(written)
 
 
 def packable_block_layers(model: PreTrainedModel, group_size: int) -> tuple[list[str], list[str]]:

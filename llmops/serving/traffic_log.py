@@ -315,7 +315,7 @@ def held_out(conversation: Conversation, share: float) -> bool:
 
 
 def considered_ids(folder: Path) -> dict[str, str]:
-    """The ledger: judged exchange id -> what became of it (folded, held_out, already_there, or
+    """The ledger: judged exchange id -> what became of it (folded, held_out, set_aside, already_there, or
     dropped:<reason>)."""
     ledger = folder / LEDGER
     if not ledger.is_file():

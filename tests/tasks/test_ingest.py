@@ -313,25 +313,31 @@ def test_traffic_takes_at_most_its_share_and_the_newest_wait_for_the_next_retrai
 def test_a_share_of_judged_traffic_is_held_out_by_prompt_versioned_and_never_trained(project):
     params, root = project
     loop = LoopParams(eval_share=0.5)
-    pairs = [(r["prompt"], r["response"]) for r in NEW_ROWS]
-    held = [p for p in pairs if held_out(Conversation.from_pair(*p), loop.eval_share)]
-    assert 0 < len(held) < len(pairs)  # the prompts of this test land on both sides
+    corrected = [(r["prompt"], r["response"]) for r in NEW_ROWS]  # the server said "gold"; a reviewer corrected
+    liked = [(f"Which shade is the zebra number {i}?", "silver") for i in range(12)]  # the server's, rated up
+    pairs = corrected + liked
+    held = [p for p in corrected if held_out(Conversation.from_pair(*p), loop.eval_share)]
+    aside = [p for p in liked if held_out(Conversation.from_pair(*p), loop.eval_share)]
+    assert 0 < len(held) < len(corrected) and 0 < len(aside) < len(liked)  # the prompts land on both sides
     traffic = write_log(
         root / "incoming" / "traffic",
-        [served(i, prompt, "gold") for i, (prompt, _) in enumerate(pairs)],
-        [judged(i, "down", answer) for i, (_, answer) in enumerate(pairs)],  # every answer corrected
+        [served(i, prompt, "gold" if i < len(corrected) else answer) for i, (prompt, answer) in enumerate(pairs)],
+        [judged(i, "down", answer) for i, (_, answer) in enumerate(corrected)]
+        + [judged(len(corrected) + i) for i in range(len(liked))],
     )
     before = contents(params.data.train)
 
     result = ingest(params, root / "incoming", loop=loop)
-    assert (result.traffic.folded, result.traffic.held_out) == (len(pairs) - len(held), len(held))
+    folded = len(pairs) - len(held) - len(aside)
+    assert (result.traffic.folded, result.traffic.held_out, result.traffic.set_aside) == (folded, len(held), len(aside))
+    # Only reviewers' words judge the models: a liked answer on a held-out prompt is neither evaluated nor trained.
     evaluation = traffic_eval_split(params.data.train)
     assert read_conversations(evaluation) == [Conversation.from_pair(*p) for p in held]
     trained = {c.last_user for c in folded_rows(params, before)}
-    assert trained == {prompt for prompt, _ in pairs} - {prompt for prompt, _ in held}
+    assert trained == {prompt for prompt, _ in pairs} - {prompt for prompt, _ in held + aside}
     assert tracked_version(params.data.train)[1] == result.version != result.previous_version
     assert sorted(considered_ids(traffic).values()) == sorted(
-        ["folded"] * result.traffic.folded + ["held_out"] * len(held)
+        ["folded"] * folded + ["held_out"] * len(held) + ["set_aside"] * len(aside)
     )
     assert "held out as the traffic eval split" in result.to_markdown()
 

@@ -3,11 +3,13 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
+from llmops.chat import render, render_prompt
 from llmops.config import QuantizeParams, ValidateParams
+from llmops.data import read_conversations
 from llmops.errors import LLMOpsError
-from llmops.modeling import generate, load_model, load_tokenizer
+from llmops.modeling import EVAL_MAX_SEQ_LEN, generate, load_model, load_tokenizer
 from tasks.merge import Fidelity, MergeResult
-from tasks.quantize import quantize_model, reload_complete
+from tasks.quantize import calibration_set, quantize_model, reload_complete
 from tasks.validate import validate_dataset
 
 
@@ -32,6 +34,25 @@ def test_gptq_model_is_smaller_loads_and_generates(inputs, tmp_path):
     assert type(model.model.layers[0].self_attn.q_proj).__module__.startswith("gptqmodel")
     [generation] = generate(model, load_tokenizer(result.model_dir), ["What color is the tiger?"], 4)
     assert isinstance(generation.text, str)
+
+
+def test_a_small_training_set_is_topped_up_with_answers_the_merged_model_writes(assets):
+    model, tokenizer = load_model(assets / "model"), load_tokenizer(assets / "model")
+    train = read_conversations(assets / "data" / "train")
+    few = train[:5]
+    calibration, written = calibration_set(model, tokenizer, few, 12)
+    assert (len(calibration), written) == (12, 7)
+    ids = [row["input_ids"][0] for row in calibration]
+    # Every training row, as training renders it; then its prompts, answered again by the model itself.
+    assert sorted(ids[:5]) == sorted(render(tokenizer, row, EVAL_MAX_SEQ_LEN)[0] for row in few)
+    for i, extra in enumerate(ids[5:]):
+        prompt = render_prompt(tokenizer, few[i % len(few)].prompt)
+        assert extra[: len(prompt)] == prompt and len(extra) > len(prompt)
+        assert extra not in ids[:5]  # not a copy of the training answer
+    assert calibration_set(model, tokenizer, few, 12) == (calibration, written)  # seeded: the same every time
+
+    enough, written = calibration_set(model, tokenizer, train, 12)  # a training set as large as asked
+    assert written == 0 and len(enough) == 12
 
 
 def test_method_none_deploys_the_merged_model(inputs, tmp_path):
