@@ -168,10 +168,9 @@ def ingest_dataset(
     row: a bad row is dropped and counted by reason, never failing the ingest; what the training set already
     holds is "already there"; `loop.eval_share` of the prompts (by hash) are held out, never trained: their
     corrections are appended to the traffic eval split beside `train` and versioned with it, their liked answers
-    set aside; at most `loop.max_traffic_share` of the
-    training set is traffic, the newest beyond it waiting. Each judged exchange is considered once: the ledger
-    beside the log (`llmops.serving.traffic_log.LEDGER`) records what became of it, after the dataset is
-    versioned. The log itself is never moved.
+    set aside; at most `loop.max_traffic_share` of the training set is traffic, the newest beyond it waiting.
+    Each judged exchange is considered once: the ledger beside the log (`llmops.serving.traffic_log.LEDGER`)
+    records what became of it, after the dataset is versioned. The log itself is never moved.
 
     The batch is cleaned and judged like a split. Its rows the training set already holds are skipped, not
     defects: a batch delivered twice folds nothing in the second time, and fails nothing. It is added as it

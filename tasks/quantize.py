@@ -88,13 +88,7 @@ def quantize_model(
             merged_perplexity=merged_ppl,
         )
 
-    calibration, generated = calibration_set(
-        merged_model, tokenizer, read_conversations(data.train), params.calibration_samples
-    )
-    del merged_model
-    model = load_model(merged.model_dir)
-    to_quantize, full_precision = packable_block_layers(model, params.group_size)
-    del model
+    to_quantize, full_precision = packable_block_layers(merged_model, params.group_size)
     if full_precision:
         log.warning("GPTQ cannot pack %s: they stay in full precision", ", ".join(full_precision))
     if not to_quantize:
@@ -102,6 +96,10 @@ def quantize_model(
             f"No layer of {merged.model_dir} can be GPTQ-packed (every width must be a multiple of 32 and of "
             f"quantize.group_size={params.group_size}). Set quantize.method: none to deploy the merged model."
         )
+    calibration, generated = calibration_set(
+        merged_model, tokenizer, read_conversations(data.train), params.calibration_samples
+    )
+    del merged_model
     config = GPTQConfig(
         bits=params.bits,
         group_size=params.group_size,
