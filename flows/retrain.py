@@ -24,6 +24,7 @@ from llmops import tracking
 from llmops.config import DEFAULT_PARAMS, load_params
 from llmops.data import DatasetRef, traffic_eval_split
 from llmops.orchestration import cached_stage, stage
+from llmops.training import training_slot
 from tasks.evaluate import ModelScores, evaluate_models
 from tasks.finetune import finetune, training_crashed
 from tasks.gate import GateDecision, decide
@@ -149,26 +150,29 @@ def retrain(
             device=params.model.device,
             dtype=params.model.dtype,
         )
-        merged = run.stage(
-            "merge",
-            merge_task,
-            params.merge,
-            params.model,
-            adapter,
-            data,
-            out=run_dir / "merge",
-            device=params.model.device,
-        )
-        deployable = run.stage(
-            "quantize",
-            quantize_task,
-            params.quantize,
-            merged,
-            data,
-            out=run_dir / "quantize",
-            device=params.model.device,
-            dtype=params.model.dtype,
-        )
+        # Merge, quantize and evaluate run the model on this host's cores or GPU, like a training: each takes the
+        # host's slot (`finetune.host_slots`), so two runs on one host take turns instead of sharing it.
+        with training_slot(params.finetune.host_slots, 1):
+            merged = run.stage(
+                "merge",
+                merge_task,
+                params.merge,
+                params.model,
+                adapter,
+                data,
+                out=run_dir / "merge",
+                device=params.model.device,
+            )
+            deployable = run.stage(
+                "quantize",
+                quantize_task,
+                params.quantize,
+                merged,
+                data,
+                out=run_dir / "quantize",
+                device=params.model.device,
+                dtype=params.model.dtype,
+            )
         with tracking.registry_lock(params.tracking, params.registry):  # one promotion at a time per model
             champion = run.stage(
                 "fetch_champion",
@@ -198,19 +202,20 @@ def retrain(
                     decision=None,
                     promotion=same,
                 )
-            report = run.stage(
-                "evaluate",
-                evaluate_task,
-                params.evaluate,
-                deployable.model_dir,
-                params.model.base,
-                champion and champion.model_dir,
-                data,
-                out=run_dir / "evaluate",
-                device=params.model.device,
-                dtype=params.model.dtype,
-                traffic_eval=traffic_eval,
-            )
+            with training_slot(params.finetune.host_slots, 1):  # taken inside the registry lock, never around it
+                report = run.stage(
+                    "evaluate",
+                    evaluate_task,
+                    params.evaluate,
+                    deployable.model_dir,
+                    params.model.base,
+                    champion and champion.model_dir,
+                    data,
+                    out=run_dir / "evaluate",
+                    device=params.model.device,
+                    dtype=params.model.dtype,
+                    traffic_eval=traffic_eval,
+                )
             # A run that learnt from new judged traffic must answer the held-out traffic better than the champion.
             new_traffic = bool(ingest and ingest.traffic and ingest.traffic.folded)
             decision = run.stage("gate", gate_task, params.gate, report, deployable, new_traffic=new_traffic)

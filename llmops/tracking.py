@@ -69,6 +69,7 @@ class StageTiming:
     name: str
     seconds: float
     cached: bool
+    started_at: float = 0.0  # Unix time the stage was called: says which stages of two runs ran at once
 
 
 @dataclass
@@ -125,10 +126,10 @@ class TrackedRun:
     def stage(self, name: str, task: Callable, *args: Any, **kwargs: Any) -> Any:
         """Run a Prefect task, time it, and log its result's numbers as metrics and the whole as JSON."""
         self.current_stage = name
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         state = task(*args, return_state=True, **kwargs)
         result = state.result()  # re-raises the stage's exception
-        timing = StageTiming(name, time.perf_counter() - start, cached=state.name == "Cached")
+        timing = StageTiming(name, time.perf_counter() - start, state.name == "Cached", started_at)
         self.timings.append(timing)
         progress.info("%-15s %7.1fs%s", name, timing.seconds, "  (cached)" if timing.cached else "")
         metrics = {f"stage_seconds.{name}": timing.seconds}

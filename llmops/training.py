@@ -413,14 +413,15 @@ def host_slots(configured: int | None) -> int:
 def training_slot(configured: int | None, needed: int, lock_dir: Path = SLOT_DIR) -> Iterator[float]:
     """Hold `needed` of this host's training slots (at most all of them) while the block runs, waiting for
     them if other trainings hold them; yields the share of the host they are (needed / slots), which sizes a
-    CPU training's threads.
+    CPU training's threads. The retrain flow also takes one around merge and quantize, and one around
+    evaluate: they run the model on the same cores (or GPU), and two runs sharing those thrash as trainings do.
 
     The slots are lock files (flock, released by the kernel however the holder dies) and, when a Prefect API
     is configured, also a Prefect global concurrency limit per host (`llmops-training-<host>`, created with
     as many slots on first use; change it in the UI to share differently), which covers every worker of that
-    API. The Prefect limit is taken first and the files second, by every training, so two can never each hold
-    what the other waits for; nothing is held outside the training itself, so the registry's lock (held around
-    evaluate-gate-promote, never while training) cannot deadlock with it.
+    API. The Prefect limit is taken first and the files second, by every holder, so two can never each hold
+    what the other waits for. A slot holder never waits for the registry's lock (evaluate takes its slot
+    inside that lock, nothing takes the lock inside a slot), so the two cannot deadlock.
 
     A holder killed outright (a host lost mid-training) frees its Prefect slots within a minute, when its lease
     lapses, so a retry on another worker is not held up for long; a renewal that fails for a moment (the API

@@ -1,5 +1,6 @@
 """The `llmops` command: exit codes, one-paragraph errors, JSON on the last line."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -386,7 +387,8 @@ def llmops_run(params_file: Path, *settings: str, env: dict | None = None) -> su
 @pytest.mark.slow
 def test_two_runs_at_once_promote_one_after_the_other(tmp_path, assets):
     """Two `llmops run` started together, both good enough to pass: the second to promote is judged against
-    the first's champion (under the registry lock), and the history records both promotions, in order."""
+    the first's champion (under the registry lock), and the history records both promotions, in order. They
+    take turns on the host: no training, merge, quantize or evaluate of one runs while another does."""
     from llmops import tracking
     from llmops.config import load_params
 
@@ -410,6 +412,15 @@ def test_two_runs_at_once_promote_one_after_the_other(tmp_path, assets):
     assert first["champion"] is None  # nothing to compare with yet
     assert second["champion"] is not None  # judged against the champion the first had just made
     assert any(c["name"] == "perplexity vs champion" for c in second["decision"]["checks"])
+
+    # When each ran: a training from its own record (the finetune stage also spans its wait for the slot).
+    trainings = [json.loads(m.read_text()) for m in params.work_dir.glob("runs/*/finetune/llmops_metadata.json")]
+    spans = [(t["started_at"], t["finished_at"]) for t in trainings]
+    heavy = [s for r in results for s in r["stages"] if s["name"] in ("merge", "quantize", "evaluate")]
+    spans += [(s["started_at"], s["started_at"] + s["seconds"]) for s in heavy]
+    assert len(spans) == 8
+    spans.sort()
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(spans)), spans
 
 
 @pytest.mark.slow
