@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 import yaml
 from peft import PeftModel
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from data import validate_rows  # bench/data.py, beside this script
 from llmops.chat import render_prompt
 from llmops.config import EvaluateParams, FinetuneParams, MergeParams, QuantizeParams, ValidateParams, load_params
 from llmops.data import Conversation, DatasetRef, read_conversations, write_jsonl
-from llmops.devices import GPTQ_KERNELS
 from llmops.modeling import (
     folder_size_bytes,
     generate,
+    gptq_kernel,
     load_model,
     load_tokenizer,
     response_perplexity,
@@ -196,11 +196,14 @@ def qlora_memory(demo, model: Path) -> list[Figure]:
 
 def gptq_figures(demo) -> list[Figure]:
     """GPTQ 4-bit vs the merged full-precision model it came from: quality, size, generation speed."""
+    from serve import speed_verdict  # bench/serve.py
+
     adapter = finetune(FinetuneParams(), str(BASE), demo, WORK / "gptq-ft", WORK / "ckpt")
     merged = merge_adapter(MergeParams(), str(BASE), adapter, demo, WORK / "gptq-merged")
     quantized = quantize_model(QuantizeParams(), merged, demo, WORK / "gptq-quantized")
     examples = read_conversations(demo.eval)
     prompts = [e.prompt for e in examples]
+    kernel = gptq_kernel(quantized.model_dir, AutoConfig.from_pretrained(quantized.model_dir), torch.float32, "cpu")
     speed, perplexity = {}, {}
     for name, folder in (("gptq", quantized.model_dir), ("merged", merged.model_dir)):
         model, tokenizer = load_model(folder), load_tokenizer(folder)
@@ -223,7 +226,8 @@ def gptq_figures(demo) -> list[Figure]:
             speed["gptq"],
             speed["merged"],
             "tokens/s",
-            f"greedy generation of {len(prompts)} eval prompts, batch 16, up to 24 new tokens",
+            f"greedy generation of {len(prompts)} eval prompts, batch 16, up to 24 new tokens, GPTQ with the {kernel} "
+            f"kernel (measured fastest here); {speed_verdict(speed['gptq'] / speed['merged'])}",
         ),
     ]
 
@@ -299,7 +303,10 @@ def real_merge_figures() -> list[Figure]:
 def real_gptq_figures() -> list[Figure]:
     """GPTQ with the shipped defaults on real weights: perplexity of the quantized vs the merged model, calibrated
     on 128 training rows, and for a team's first small set, 20 conversations that train and calibrate (the
-    merged model writes the rest of the calibration set)."""
+    merged model writes the rest of the calibration set); and the 128-row deployable's serving speed against
+    the merged model's, at 1 and 8 concurrent clients."""
+    from serve import gptq_speed_figures  # bench/serve.py
+
     folder, shipped = WORK / "real-gptq", QuantizeParams()
     data, _, merged = real_model_merge(folder)
     write_jsonl(folder / "calibration.jsonl", read_conversations(DEMO.train))
@@ -309,7 +316,8 @@ def real_gptq_figures() -> list[Figure]:
     small_data, _, small_merged = real_model_merge(folder / "20-rows", rows=20)
     small = quantize_model(shipped, small_merged, small_data, folder / "20-rows" / "gptq")
     setting = f"GPTQ {shipped.bits}-bit (group size {shipped.group_size}, act-order {shipped.act_order})"
-    return [
+    speed = gptq_speed_figures(large.model_dir, merged.model_dir, "SmolLM2-135M-Instruct, merged after one epoch")
+    return [Figure(**row) for row in speed] + [
         Figure(
             "real_gptq_quality",
             large.perplexity,
@@ -696,6 +704,7 @@ def gpu_generation_figures(setup: GpuSetup, merged: Path, quantized: Path, new_t
     """GPTQ generation speed with its CUDA kernel against the bf16 merged model, at batch 1 and 16."""
     prompts = [e.prompt for e in read_conversations(setup.data.eval)[:16]]
     figures = []
+    kernel = gptq_kernel(quantized, AutoConfig.from_pretrained(quantized), torch.bfloat16, "cuda")
     for batch in (1, 16):
         rows = prompts[:4] if batch == 1 else prompts
         gptq, bf16 = (generation_speed(f, rows, batch, new_tokens) for f in (quantized, merged))
@@ -706,7 +715,7 @@ def gpu_generation_figures(setup: GpuSetup, merged: Path, quantized: Path, new_t
                 bf16,
                 "tokens/s",
                 f"{setup.where}: greedy generation, batch {batch}, {new_tokens} new tokens per row, GPTQ 4-bit "
-                f"({GPTQ_KERNELS['cuda']} kernel) vs the bf16 merged model; one untimed pass first",
+                f"({kernel} kernel, measured fastest here) vs the bf16 merged model; one untimed pass first",
             )
         )
     return figures
@@ -791,7 +800,7 @@ GROUPS = {
     "gptq": gptq_figures,
     "merge": merge_memory,
     "real": lambda demo: real_merge_figures(),
-    "real_gptq": lambda demo: real_gptq_figures(),  # two GPTQ runs of a 30-layer model: ~7 min on 2 idle cores
+    "real_gptq": lambda demo: real_gptq_figures(),  # two GPTQ runs of a 30-layer model: ~9 min on 2 idle cores
     "flow": lambda demo: flow_figures(),
     "gpu": lambda demo: gpu_figures() if torch.cuda.is_available() else [],
     "serve": serve_figures,

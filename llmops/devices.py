@@ -19,10 +19,17 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# GPTQ kernel per device. On CUDA, Triton's kernel compiles per shape in about a second; GPTQModel's Marlin,
-# Machete and ExLlama kernels build a CUDA extension on first use (35 s to 3 min, again on every fresh host).
-# On the CPU, GPTQModel's own choice (its ATen int4 kernel).
-GPTQ_KERNELS = {"cuda": "gptq_triton", "cpu": "auto"}
+# The GPTQ kernels worth trying on each device; which one a model runs with is measured on its host, once per
+# model shape (`llmops.modeling.gptq_kernel`). On CUDA, Marlin and ExLlamaV2 build an extension on first use
+# (35 s to 3 min, cached per host); a host that cannot build them keeps Triton's, which compiles per shape in
+# about a second. On the CPU, the two int4pack kernels: GPTQModel's int8 and plain-torch ones decoded
+# SmolLM2-135M at a sixth of their speed on this project's 2-core machine, and are left out.
+GPTQ_KERNELS = {
+    "cuda": ("gptq_marlin", "gptq_exllama_v2", "gptq_triton"),
+    "cpu": ("gptq_torch_fused", "gptq_torch_aten"),
+}
+# The kernel that packs the layers when quantizing: the checkpoint it writes is the same for every kernel.
+GPTQ_PACKING_KERNELS = {"cuda": "gptq_triton", "cpu": "auto"}
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,8 @@ class Placement:
         return self.device == "cuda"
 
     @property
-    def gptq_kernel(self) -> str:
-        return GPTQ_KERNELS[self.device]
+    def gptq_packing_kernel(self) -> str:
+        return GPTQ_PACKING_KERNELS[self.device]
 
     def __str__(self) -> str:
         return f"{self.device} {str(self.dtype).removeprefix('torch.')}"

@@ -4,10 +4,17 @@ the one rendering in `llmops.chat`."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
+import socket
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,9 +34,12 @@ from llmops.chat import IGNORE_INDEX, end_of_turn_ids, render, render_prompt
 from llmops.data import Conversation, Turn
 from llmops.devices import GPTQ_KERNELS
 from llmops.errors import LLMOpsError
+from llmops.files import write_json
 
 if TYPE_CHECKING:  # importing it loads all of transformers' modelling code: seconds a cached run never needs
     from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 # Evaluation scores whole conversations: the validate stage already fit every row to finetune.max_seq_len.
 EVAL_MAX_SEQ_LEN = 4096
@@ -70,9 +80,9 @@ def load_model(
     type.
 
     A checkpoint that is already quantized (GPTQ) loads with the quantization its config records; only the
-    kernel is chosen here, for the device (`llmops.devices.GPTQ_KERNELS`): transformers keeps the checkpoint's
-    config and takes just the loading attributes from the one passed. `revision` pins a hub id to a tag or
-    commit; `trust_remote_code` lets a checkpoint run its own code.
+    kernel is chosen here, the fastest on this host (`gptq_kernel`): transformers keeps the checkpoint's config
+    and takes just the loading attributes from the one passed. `revision` pins a hub id to a tag or commit;
+    `trust_remote_code` lets a checkpoint run its own code.
     """
     options: dict = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}
     if device is not None:
@@ -85,15 +95,102 @@ def load_model(
         config = AutoConfig.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
         recorded = getattr(config, "quantization_config", None)
         if isinstance(recorded, dict) and recorded.get("quant_method") == "gptq" and quantization == "none":
-            kernel = GPTQ_KERNELS["cuda" if str(device or "cpu").startswith("cuda") else "cpu"]
+            kernel = gptq_kernel(name_or_path, config, dtype, device or "cpu", revision, trust_remote_code)
             options["quantization_config"] = GPTQConfig(bits=recorded["bits"], backend=kernel)
-        with warnings.catch_warnings():
-            # Passing the GPTQ kernel is how transformers takes a loading attribute; it warns that it does.
-            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-            model = _loader_class(config).from_pretrained(str(name_or_path), **options)
+        model = _from_pretrained(name_or_path, config, options)
     except OSError as exc:
         raise _not_found(name_or_path, exc) from None
     return model.eval()
+
+
+def _from_pretrained(name_or_path: str | Path, config, options: dict) -> PreTrainedModel:
+    with warnings.catch_warnings():
+        # Passing the GPTQ kernel is how transformers takes a loading attribute; it warns that it does.
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return _loader_class(config).from_pretrained(str(name_or_path), **options)
+
+
+# Where each host keeps the GPTQ kernel it measured fastest per model shape (`gptq_kernel`).
+KERNEL_CHOICES = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmops" / "gptq-kernels.json"
+
+
+def gptq_kernel(
+    name_or_path: str | Path,
+    config,
+    dtype: torch.dtype,
+    device: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> str:
+    """The fastest GPTQ kernel on this host for a checkpoint of this shape, measured.
+
+    Each of the device's candidates (`llmops.devices.GPTQ_KERNELS`) loads the checkpoint and decodes the same
+    tokens greedily at batch 1 and at batch 8, a serving host's two cases (best of three, after an untimed pass
+    in which kernels repack and compile); the least time wins. A kernel this host cannot build or run is
+    skipped. The choice is kept per host, model shape, device and library versions in `KERNEL_CHOICES`, so a
+    model is measured once, at its first load (the quantize stage's check), not at every load.
+    """
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    shape = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    where = torch.cuda.get_device_name(device) if kind == "cuda" else f"{torch.get_num_threads()} threads"
+    identity = [shape, str(dtype), kind, where, socket.gethostname(), torch.__version__, version("gptqmodel")]
+    key = hashlib.sha256(json.dumps([identity, GPTQ_KERNELS[kind]], sort_keys=True, default=str).encode()).hexdigest()
+    try:
+        choices = json.loads(KERNEL_CHOICES.read_text())
+    except (OSError, ValueError):  # none measured yet on this host (or a half-written file: measure again)
+        choices = {}
+    if key in choices:
+        return choices[key]["kernel"]
+    seconds: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for kernel in GPTQ_KERNELS[kind]:
+        try:
+            quantization = GPTQConfig(bits=config.quantization_config["bits"], backend=kernel)
+            options = {"dtype": dtype, "device_map": {"": device}, "quantization_config": quantization}
+            options |= {"revision": revision, "trust_remote_code": trust_remote_code}
+            seconds[kernel] = _decode_seconds(_from_pretrained(name_or_path, config, options).eval())
+        except Exception as exc:  # noqa: BLE001 - a kernel this host cannot build or run: the next one may
+            failed[kernel] = " ".join(str(exc).split())[:300] or type(exc).__name__
+    if not seconds:
+        raise LLMOpsError(
+            f"No GPTQ kernel runs {name_or_path} on {kind} here: "
+            + "; ".join(f"{k}: {why}" for k, why in failed.items())
+            + ". Set quantize.method: none to deploy the merged model."
+        )
+    chosen = min(seconds, key=seconds.get)
+    log.info(
+        "GPTQ kernel for %s on %s (%s): %s, measured %s%s",
+        config.model_type,
+        kind,
+        where,
+        chosen,
+        ", ".join(f"{k} {s:.2f} s" for k, s in seconds.items()),
+        "".join(f"; {k} cannot run here ({why})" for k, why in failed.items()),
+    )
+    choices[key] = {"kernel": chosen, "seconds": seconds, "failed": failed, "model_type": config.model_type}
+    KERNEL_CHOICES.parent.mkdir(parents=True, exist_ok=True)
+    partial = KERNEL_CHOICES.with_name(f"{KERNEL_CHOICES.name}.{os.getpid()}")
+    write_json(partial, choices)
+    partial.replace(KERNEL_CHOICES)  # atomic: another process reads the old file or this one, never half
+    return chosen
+
+
+@torch.inference_mode()
+def _decode_seconds(model: PreTrainedModel, prompt_tokens: int = 32, new_tokens: int = 8) -> float:
+    """Seconds to decode `new_tokens` greedily after a `prompt_tokens` prompt, at batch 1 plus at batch 8."""
+    total = 0.0
+    for batch in (1, 8):
+        ids = (torch.arange(batch * prompt_tokens) % model.config.vocab_size).view(batch, prompt_tokens)
+        ids = ids.to(model.device)
+        options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+        model.generate(ids, attention_mask=torch.ones_like(ids), **options)  # untimed: kernels repack, compile
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), **options)
+            times.append(time.perf_counter() - start)
+        total += min(times)
+    return total
 
 
 def _loader_class(config) -> type:

@@ -109,7 +109,7 @@ def quantize_model(
         # Listing the layers is what keeps the others in full precision; one group per layer keeps GPTQ's
         # sequential order (each layer calibrated on the already-quantized outputs of those before it).
         modules_in_block_to_quantize=[[name] for name in to_quantize] if full_precision else None,
-        backend=placement.gptq_kernel,
+        backend=placement.gptq_packing_kernel,
     )
     with atomic_dir(out) as tmp:
         try:

@@ -14,7 +14,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the polic
 def test_auto_is_the_cpu_in_float32_without_a_gpu():
     placement = resolve_placement("auto", "auto")
     assert (placement.device, placement.dtype, placement.on_gpu) == ("cpu", torch.float32, False)
-    assert placement.gptq_kernel == "auto"
+    assert placement.gptq_packing_kernel == "auto"
     assert resolve_placement("cpu", "bfloat16").dtype == torch.bfloat16
 
 

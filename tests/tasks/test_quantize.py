@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import pytest
@@ -6,6 +7,7 @@ from safetensors.torch import load_file, save_file
 from llmops.chat import render, render_prompt
 from llmops.config import QuantizeParams, ValidateParams
 from llmops.data import read_conversations
+from llmops.devices import GPTQ_KERNELS
 from llmops.errors import LLMOpsError
 from llmops.modeling import EVAL_MAX_SEQ_LEN, generate, load_model, load_tokenizer
 from tasks.merge import Fidelity, MergeResult
@@ -24,16 +26,28 @@ def inputs(assets):
 
 
 @pytest.mark.slow
-def test_gptq_model_is_smaller_loads_and_generates(inputs, tmp_path):
+def test_gptq_model_is_smaller_and_loads_with_the_kernel_measured_fastest_here(inputs, tmp_path, monkeypatch):
+    """The quantize stage's reload measures the device's kernels once for this shape (one that cannot run here,
+    Marlin on a CPU, is skipped with its reason); every later load takes the recorded choice."""
     data, merged = inputs
+    choices = tmp_path / "gptq-kernels.json"
+    monkeypatch.setattr("llmops.modeling.KERNEL_CHOICES", choices)
+    monkeypatch.setitem(GPTQ_KERNELS, "cpu", ("gptq_marlin", *GPTQ_KERNELS["cpu"]))
     result = quantize_model(QuantizeParams(), merged, data, tmp_path / "gptq")
     assert result.method == "gptq"
     assert result.size_bytes < 0.5 * result.merged_size_bytes
     assert 0.9 < result.perplexity_ratio < 1.2
-    model = load_model(result.model_dir)
-    assert type(model.model.layers[0].self_attn.q_proj).__module__.startswith("gptqmodel")
-    [generation] = generate(model, load_tokenizer(result.model_dir), ["What color is the tiger?"], 4)
-    assert isinstance(generation.text, str)
+
+    [(key, measured)] = json.loads(choices.read_text()).items()
+    assert set(measured["seconds"]) == {"gptq_torch_fused", "gptq_torch_aten"}
+    assert list(measured["failed"]) == ["gptq_marlin"]
+    assert measured["kernel"] == min(measured["seconds"], key=measured["seconds"].get)
+    for kernel, layer in (("gptq_torch_fused", "TorchFusedLinear"), ("gptq_torch_aten", "TorchAtenLinear")):
+        choices.write_text(json.dumps({key: {**measured, "kernel": kernel}}))
+        model = load_model(result.model_dir)
+        assert type(model.model.layers[0].self_attn.q_proj).__name__ == layer
+        [generation] = generate(model, load_tokenizer(result.model_dir), ["What color is the tiger?"], 4)
+        assert isinstance(generation.text, str)
 
 
 def test_a_small_training_set_is_topped_up_with_answers_the_merged_model_writes(assets):
