@@ -175,7 +175,7 @@ def _reply_run(model, tokenizer, clients: int, per_client: int, new_tokens: int)
         worker.shutdown()
 
 
-def concurrency_figures(clients: int = 8, per_client: int = 1, new_tokens: int = 32) -> list[dict]:
+def concurrency_figures(clients: int = 8, per_client: int = 3, new_tokens: int = 32) -> list[dict]:
     """Rows for bench/run.py: total tokens/s and median latency, `clients` against 1, engine and reply()."""
     model, tokenizer = load_model(REAL_MODEL), load_tokenizer(REAL_MODEL)
     runs = {}
