@@ -212,6 +212,16 @@ def _matches(text: str, kinds: Iterable[str], regions: Iterable[str]) -> list[tu
     spans: list[tuple[int, int, str]] = []
     taken = bytearray(len(text))  # 1 where an earlier kind already found something
     wanted = set(kinds)
+    # Cheap bounds before the scans: an address needs an `@`, a card number 13 digits, a phone number
+    # _PHONE_MIN_DIGITS. Digits are counted in C for ASCII text; other text may hold other scripts' digits
+    # (`\d` matches them), so its length stands in, which skips nothing.
+    digits = sum(map(text.count, "0123456789")) if text.isascii() else len(text)
+    if "@" not in text:
+        wanted.discard("email")
+    if digits < 13:
+        wanted.discard("card")
+    if digits < _PHONE_MIN_DIGITS:
+        wanted.discard("phone")
     for kind in [k for k in KINDS if k in wanted]:
         if kind == "private_key":
             found = _private_keys(text)

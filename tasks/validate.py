@@ -277,7 +277,6 @@ class _Scanner:
         "Google API key": ("AIza",),
         "JSON web token": ("eyJ",),
     }
-    PII_MIN_DIGITS = 7  # a phone number has at least 7 digits, a card number 13: fewer, and neither can be there
 
     def __init__(self, special_tokens: Iterable[str]):
         prefixed = [name for name in SECRET_PATTERNS if name in self.SECRET_PREFIXES]
@@ -299,9 +298,7 @@ class _Scanner:
         return self.credential(text), special, self.damage.search(text) is not None
 
     def pii(self, text: str) -> Counter:
-        if "@" in text or sum(map(text.count, "0123456789")) >= self.PII_MIN_DIGITS:
-            return privacy.count(text, privacy.PII_KINDS)
-        return Counter()
+        return privacy.count(text, privacy.PII_KINDS)  # it skips at once what cannot hold any
 
 
 # The columns the suite judges, one row per kept conversation (`row` says where it is).

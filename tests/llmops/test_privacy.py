@@ -20,6 +20,9 @@ from llmops.privacy import PII_KINDS, count, luhn_valid, redact
         ("Tel. 030/12345678, Handy 0151 23456789", "Tel. [REDACTED:phone], Handy [REDACTED:phone]"),
         ("連絡はtanaka@example.co.jpへ", "連絡は[REDACTED:email]へ"),
         ("card 4111 1111 1111 1111, exp 12/27", "card [REDACTED:card], exp 12/27"),
+        # No ASCII digit at all (full-width ones, as Japanese text writes them): still read, not skipped.
+        ("お問い合わせは０３－１２３４－５６７８まで", "お問い合わせは[REDACTED:phone]まで"),
+        ("カード４１１１ １１１１ １１１１ １１１１", "カード[REDACTED:card]"),
         ("key sk-live_4f9a8b7c6d5e4f3a2b1c0d9e here", "key [REDACTED:api_key] here"),
         ("AKIAABCDEFGHIJKLMNOP", "[REDACTED:aws_key]"),
         (
