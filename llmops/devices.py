@@ -20,12 +20,12 @@ DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The GPTQ kernels worth trying on each device; which one a model runs with is measured on its host, once per
-# model shape (`llmops.modeling.gptq_kernel`). On CUDA, Marlin and ExLlamaV2 build an extension on first use
-# (35 s to 3 min, cached per host); a host that cannot build them keeps Triton's, which compiles per shape in
-# about a second. On the CPU, the two int4pack kernels: GPTQModel's int8 and plain-torch ones decoded
-# SmolLM2-135M at a sixth of their speed on this project's 2-core machine, and are left out.
+# model shape (`llmops.modeling.gptq_kernel`). On CUDA, Marlin, Machete (Hopper only) and ExLlamaV2 build an
+# extension on first use (35 s to 3 min, cached per host); a host that cannot build them keeps Triton's, which
+# compiles per shape in about a second. On the CPU, the two int4pack kernels: GPTQModel's int8 and plain-torch
+# ones decoded SmolLM2-135M at a sixth of their speed on this project's 2-core machine, and are left out.
 GPTQ_KERNELS = {
-    "cuda": ("gptq_marlin", "gptq_exllama_v2", "gptq_triton"),
+    "cuda": ("gptq_marlin", "gptq_machete", "gptq_exllama_v2", "gptq_triton"),
     "cpu": ("gptq_torch_fused", "gptq_torch_aten"),
 }
 # The kernel that packs the layers when quantizing: the checkpoint it writes is the same for every kernel.
