@@ -179,10 +179,10 @@ def gptq_kernel(
 def _decode_seconds(model: PreTrainedModel, prompt_tokens: int = 32, new_tokens: int = 8) -> float:
     """Seconds to decode `new_tokens` greedily after a `prompt_tokens` prompt, at batch 1 plus at batch 8."""
     total = 0.0
+    options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
     for batch in (1, 8):
         ids = (torch.arange(batch * prompt_tokens) % model.config.vocab_size).view(batch, prompt_tokens)
         ids = ids.to(model.device)
-        options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
         model.generate(ids, attention_mask=torch.ones_like(ids), **options)  # untimed: kernels repack, compile
         times = []
         for _ in range(3):

@@ -297,9 +297,6 @@ class _Scanner:
         special = self.special is not None and self.special.search(text) is not None
         return self.credential(text), special, self.damage.search(text) is not None
 
-    def pii(self, text: str) -> Counter:
-        return privacy.count(text, privacy.PII_KINDS)  # it skips at once what cannot hold any
-
 
 # The columns the suite judges, one row per kept conversation (`row` says where it is).
 FEATURES = (
@@ -421,7 +418,7 @@ class _Walk:
         return _Row(index, where, conversation, rendered, defective)
 
     def _redacted(self, where: RowId, conversation: Conversation) -> Conversation:
-        found = [self.scan.pii(t.content) for t in conversation.turns]
+        found = [privacy.count(t.content, privacy.PII_KINDS) for t in conversation.turns]
         total = sum(found, Counter())
         if not total:
             return conversation
