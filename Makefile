@@ -24,8 +24,8 @@ demo: setup
 	$(BIN)/llmops bootstrap
 	$(BIN)/llmops run
 
-# Two workers, each taking whole test modules (tests/conftest.py hands out the longest first): one runs a
-# module's Python start-ups, servers and waits while the other trains; trainings still take turns on the host.
+# Two workers, each taking whole test modules, the longest first, and each a host of its own with half the cores
+# (tests/conftest.py): one runs its Python start-ups, servers and waits while the other computes.
 test: setup lint $(CHROMIUM) real-model
 	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
