@@ -173,8 +173,8 @@ def test_the_monitor_fires_once_until_new_judged_traffic_arrives(project, tmp_pa
 
 def test_a_two_rank_zero3_run_goes_through_every_stage(project):
     """DeepSpeed ZeRO-3 on 2 CPU ranks: the adapter is gathered whole from the weight shards, merges,
-    quantizes, is evaluated, gated and promoted. What is tested is that path, so the gate is one two epochs
-    pass; the shipped gate's checks have their own tests (the first run here, the rejection, the traffic)."""
+    quantizes, is evaluated, gated and promoted. That path is what is tested, so its gate is one that two
+    epochs pass; the shipped gate's checks have their own tests (the first run here, the rejection, the traffic)."""
     params_file, _ = project
     params = load_params(params_file)
     before = champion(params)

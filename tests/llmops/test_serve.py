@@ -124,6 +124,10 @@ def test_requests_never_fail_through_promotion_rollback_and_a_broken_version(tmp
             time.sleep(0.05)
         raise AssertionError(f"no answer from {model} within 60 s; /health: {follower.health()}")
 
+    def switch_limit() -> float:
+        """An answer arrives one request after the swap: the poll, the load and the longest request, and slack."""
+        return params.serve.poll_seconds + follower.current.load_seconds + max(latencies) + SWITCH_SLACK
+
     def closed_once_free(version) -> None:
         """A replaced version's engine is closed (its requests done): nothing of it keeps running."""
         deadline = time.monotonic() + 60
@@ -143,17 +147,14 @@ def test_requests_never_fail_through_promotion_rollback_and_a_broken_version(tmp
             assert register(params, assets / "model") == "2"  # the alias moves at its very end
             promoted_at = time.monotonic()
             switch = first_answer_from("llmops-demo/2", promoted_at)
-            # An answer arrives one request after the swap: allow the poll, the load and the longest request.
-            limit = params.serve.poll_seconds + follower.current.load_seconds + max(latencies) + SWITCH_SLACK
-            assert switch <= limit, (switch, follower.health(), max(latencies))
+            assert switch <= switch_limit(), (switch, follower.health(), max(latencies))
             closed_once_free(first)
 
             second = follower.current
             tracking.rollback(params.tracking, params.registry, "test rollback")
             rolled_back_at = time.monotonic()  # as for the promotion: counted from the moment the alias moved
             switch_back = first_answer_from("llmops-demo/1", rolled_back_at)
-            limit = params.serve.poll_seconds + follower.current.load_seconds + max(latencies) + SWITCH_SLACK
-            assert switch_back <= limit, (switch_back, follower.health(), max(latencies))
+            assert switch_back <= switch_limit(), (switch_back, follower.health(), max(latencies))
             closed_once_free(second)
 
             assert register(params, broken_copy(assets / "model", tmp_path / "broken")) == "3"
